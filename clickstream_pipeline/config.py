@@ -1,0 +1,60 @@
+"""Settings from the environment: the only place configuration is read, and never at import."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.registry import DEFAULT_REGISTRY
+
+DEFAULT_RAW_PREFIX = "raw"
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the pipeline reads from and writes to (``CLICKSTREAM_*`` variables)."""
+
+    bucket: str | None = None
+    raw_prefix: str = DEFAULT_RAW_PREFIX
+    registry: str = DEFAULT_REGISTRY
+    warehouse_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        prefix = env.get("CLICKSTREAM_RAW_PREFIX", "").strip("/") or DEFAULT_RAW_PREFIX
+        return cls(
+            bucket=env.get("CLICKSTREAM_BUCKET") or None,
+            raw_prefix=prefix,
+            registry=env.get("CLICKSTREAM_REGISTRY") or DEFAULT_REGISTRY,
+            warehouse_url=env.get("CLICKSTREAM_WAREHOUSE_URL") or None,
+        )
+
+    def require_bucket(self) -> str:
+        """The bucket name, or a one-line error saying how to set it."""
+        if not self.bucket:
+            raise ClickstreamError(
+                "CLICKSTREAM_BUCKET is not set: export it, or run 'clickstream stack' "
+                "for an embedded local S3 server"
+            )
+        return validate_bucket(self.bucket)
+
+    def require_warehouse_url(self) -> str:
+        if not self.warehouse_url:
+            raise ClickstreamError(
+                "CLICKSTREAM_WAREHOUSE_URL is not set: export a postgresql:// or redshift:// URL"
+            )
+        return self.warehouse_url
+
+
+def validate_bucket(name: str) -> str:
+    """Return ``name`` if it is a valid S3 bucket name, else raise a one-line error."""
+    if not _BUCKET_RE.fullmatch(name) or ".." in name:
+        raise ClickstreamError(
+            f"invalid bucket name {name!r}: 3-63 characters of a-z, 0-9, '.' and '-'"
+        )
+    return name

@@ -1,0 +1,5 @@
+"""The code location's single entry point: ``defs``."""
+
+import dagster as dg
+
+defs = dg.Definitions()

@@ -1,0 +1,149 @@
+"""Start and stop an embedded PostgreSQL (pgserver) and a local S3 server (moto) on 127.0.0.1.
+
+The same class backs ``clickstream demo``/``dev``/``stack`` and the session-scoped pytest
+fixture, so tests run against the servers users run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.s3 import ensure_bucket, s3_client
+
+DEFAULT_ROOT = Path(".clickstream")
+DEFAULT_BUCKET = "clickstream-local"
+DEFAULT_DATABASE = "clickstream"
+
+# Credentials the local S3 server accepts; they are not secrets.
+_LOCAL_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "local",
+    "AWS_SECRET_ACCESS_KEY": "local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class LocalStack:
+    """An embedded PostgreSQL with data under ``root/pg`` and a local S3 server with a bucket.
+
+    Use as a context manager; ``env`` holds the variables that point the pipeline at it.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] = DEFAULT_ROOT,
+        *,
+        bucket: str = DEFAULT_BUCKET,
+        database: str = DEFAULT_DATABASE,
+        s3_port: int = 0,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.bucket = bucket
+        self.database = database
+        self.s3_port = s3_port
+        self.env: dict[str, str] = {}
+        self._pg: Any = None
+        self._s3: Any = None
+
+    def start(self) -> dict[str, str]:
+        """Start both servers (reusing a PostgreSQL already running on ``root``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            warehouse_url = self._start_postgres()
+            endpoint = self._start_s3()
+        except BaseException:
+            self.stop()
+            raise
+        self.env = {
+            **_LOCAL_AWS_ENV,
+            "AWS_ENDPOINT_URL": endpoint,
+            "CLICKSTREAM_BUCKET": self.bucket,
+            "CLICKSTREAM_WAREHOUSE_URL": warehouse_url,
+            "CLICKSTREAM_REGISTRY": str(self.root / "registry.yaml"),
+            "DAGSTER_HOME": str(self.root / "dagster_home"),
+        }
+        (self.root / "dagster_home").mkdir(exist_ok=True)
+        return self.env
+
+    def _start_postgres(self) -> str:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+            warnings.simplefilter("ignore")
+            import pgserver
+
+        # pgserver logs every step at INFO; its failures still surface as exceptions.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        try:
+            self._pg = pgserver.get_server(self.root / "pg", cleanup_mode="stop")
+        except Exception as error:
+            raise ClickstreamError(
+                f"cannot start the embedded PostgreSQL in {self.root / 'pg'}: {error}"
+            ) from None
+        admin_url = self._pg.get_uri()
+        conn = psycopg2.connect(admin_url)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cur.fetchone() is None:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+        finally:
+            conn.close()
+        return str(self._pg.get_uri(self.database))
+
+    def _start_s3(self) -> str:
+        from moto.server import ThreadedMotoServer
+
+        # One access-log line per request drowns the CLI's own output.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+        self._s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=self.s3_port, verbose=False)
+        self._s3.start()
+        host, port = self._s3.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        with _patched_env({**_LOCAL_AWS_ENV, "AWS_ENDPOINT_URL": endpoint}):
+            ensure_bucket(s3_client(endpoint), self.bucket)
+        return endpoint
+
+    def stop(self) -> None:
+        """Stop the S3 server (its objects are in memory) and release PostgreSQL."""
+        if self._s3 is not None:
+            self._s3.stop()
+            self._s3 = None
+        if self._pg is not None:
+            self._pg.cleanup()
+            self._pg = None
+
+    def __enter__(self) -> dict[str, str]:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def _patched_env(values: dict[str, str]) -> Any:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

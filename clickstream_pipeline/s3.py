@@ -1,0 +1,46 @@
+"""S3 clients: boto3 with adaptive retries, pointed at AWS_ENDPOINT_URL when it is set."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clickstream_pipeline.errors import ClickstreamError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+def s3_client(endpoint_url: str | None = None) -> S3Client:
+    """A thread-safe S3 client; boto3 reads AWS_ENDPOINT_URL and credentials from the env.
+
+    Botocore's adaptive mode retries throttling (503 Slow Down), 5xx and connection errors with
+    exponential backoff and jitter; AWS_MAX_ATTEMPTS overrides the attempt count.
+    """
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    config = Config(
+        retries={"max_attempts": attempts, "mode": "adaptive"},
+        max_pool_connections=32,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def ensure_bucket(client: S3Client, bucket: str) -> None:
+    """Create ``bucket`` unless it exists (local S3 servers start empty)."""
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise ClickstreamError(f"cannot reach bucket {bucket!r}: {error}") from None
+    except BotoCoreError as error:
+        raise ClickstreamError(f"cannot reach S3 for bucket {bucket!r}: {error}") from None
+    client.create_bucket(Bucket=bucket)

@@ -1,0 +1,60 @@
+"""Fixtures: one real embedded PostgreSQL and one real local S3 server for the whole session."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from clickstream_pipeline.local import LocalStack
+from clickstream_pipeline.s3 import s3_client
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The embedded stack, started once; its env vars are set for the whole session."""
+    root = tmp_path_factory.mktemp("stack")
+    with LocalStack(root, bucket="clickstream-test") as env, pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        yield env
+
+
+@pytest.fixture
+def registry_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh registry file location for one test (the file does not exist yet)."""
+    path = tmp_path / "registry.yaml"
+    monkeypatch.setenv("CLICKSTREAM_REGISTRY", str(path))
+    return path
+
+
+@pytest.fixture
+def bucket(local_stack: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty bucket in the local S3 server, set as CLICKSTREAM_BUCKET."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client().create_bucket(Bucket=name)
+    monkeypatch.setenv("CLICKSTREAM_BUCKET", name)
+    return name
+
+
+@pytest.fixture
+def pg_conn(local_stack: dict[str, str]) -> Iterator[psycopg2.extensions.connection]:
+    conn = psycopg2.connect(local_stack["CLICKSTREAM_WAREHOUSE_URL"])
+    try:
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def list_keys(bucket: str, prefix: str = "") -> list[str]:
+    """Every key under ``prefix``, through the paginated ListObjectsV2 API."""
+    paginator = s3_client().get_paginator("list_objects_v2")
+    return [
+        obj["Key"]
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+    ]

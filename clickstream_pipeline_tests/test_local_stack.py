@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg2
+
+from clickstream_pipeline.local import LocalStack
+from clickstream_pipeline.s3 import s3_client
+
+
+def test_stack_serves_real_s3_over_http(local_stack: dict[str, str], bucket: str) -> None:
+    assert local_stack["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    client = s3_client()
+    client.put_object(Bucket=bucket, Key="raw/a.jsonl", Body=b'{"x": 1}\n')
+    assert client.get_object(Bucket=bucket, Key="raw/a.jsonl")["Body"].read() == b'{"x": 1}\n'
+    names = {b["Name"] for b in client.list_buckets()["Buckets"]}
+    assert {"clickstream-test", bucket} <= names
+
+
+def test_stack_serves_real_postgresql(local_stack: dict[str, str]) -> None:
+    assert local_stack["CLICKSTREAM_WAREHOUSE_URL"].startswith(
+        "postgresql://postgres:@/clickstream?host="
+    )
+    with psycopg2.connect(local_stack["CLICKSTREAM_WAREHOUSE_URL"]) as conn, conn.cursor() as cur:
+        cur.execute("SHOW server_version_num")
+        row = cur.fetchone()
+        assert row is not None and int(row[0]) >= 160000
+        cur.execute("CREATE TEMP TABLE t (message_id text PRIMARY KEY, properties jsonb)")
+        cur.execute("INSERT INTO t VALUES ('m1', '{\"sku\": \"X1\"}')")
+        cur.execute("SELECT properties->>'sku' FROM t")
+        assert cur.fetchall() == [("X1",)]
+
+
+def test_stack_env_points_everything_inside_its_root(local_stack: dict[str, str]) -> None:
+    root = Path(local_stack["DAGSTER_HOME"]).parent
+    assert local_stack["CLICKSTREAM_REGISTRY"] == str(root / "registry.yaml")
+    assert Path(local_stack["DAGSTER_HOME"]).is_dir()
+    assert (root / "pg" / "PG_VERSION").read_text().strip() == "16"
+
+
+def test_stack_restarts_on_the_same_data(tmp_path: Path) -> None:
+    with LocalStack(tmp_path, bucket="restart-test") as env:
+        with psycopg2.connect(env["CLICKSTREAM_WAREHOUSE_URL"]) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE kept (n int); INSERT INTO kept VALUES (42)")
+        conn.close()
+    with LocalStack(tmp_path, bucket="restart-test") as env:
+        with psycopg2.connect(env["CLICKSTREAM_WAREHOUSE_URL"]) as conn, conn.cursor() as cur:
+            cur.execute("SELECT n FROM kept")
+            assert cur.fetchall() == [(42,)]
+        conn.close()
