@@ -2,4 +2,23 @@
 
 import dagster as dg
 
-defs = dg.Definitions()
+from clickstream_pipeline.assets import raw_events, warehouse_events
+from clickstream_pipeline.jobs import load_partitions_job
+from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
+from clickstream_pipeline.sensors import (
+    DiscoveryResource,
+    registry_sync_sensor,
+    s3_discovery_sensor,
+)
+
+defs = dg.Definitions(
+    assets=[raw_events, warehouse_events],
+    jobs=[load_partitions_job],
+    sensors=[registry_sync_sensor, s3_discovery_sensor],
+    resources={
+        "s3": S3StorageResource(),
+        "warehouse": WarehouseResource(),
+        "registry": RegistryResource(),
+        "discovery": DiscoveryResource(),
+    },
+)

@@ -7,3 +7,7 @@ class ClickstreamError(Exception):
     The message is one line that names the bad value and what is allowed. Bugs raise other
     exception types and keep their traceback.
     """
+
+
+class ServiceUnavailable(ClickstreamError):
+    """A service (the warehouse, S3) cannot be reached; worth retrying with backoff."""

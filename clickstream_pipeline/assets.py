@@ -1,0 +1,127 @@
+"""Assets: the raw files of each (stream, hour) in S3 and the warehouse rows loaded from them."""
+
+from typing import Any
+
+import dagster as dg
+
+from clickstream_pipeline.loader import LoadOutcome, load_partition
+from clickstream_pipeline.partitions import parse_partition_key, stream_hour_partitions
+from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
+from clickstream_pipeline.warehouse.base import SourceFile
+
+GROUP = "clickstream"
+QUARANTINE_CHECK = "no_quarantined_records"
+# Retries inside a run: S3 and warehouse hiccups, with exponential backoff and jitter.
+STEP_RETRY = dg.RetryPolicy(
+    max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+_LISTED_KEYS = 50  # keys shown in metadata; the count and totals cover all files
+
+raw_events_key = dg.AssetKey("raw_events")
+warehouse_events_key = dg.AssetKey("warehouse_events")
+
+
+@dg.asset(
+    key=raw_events_key,
+    partitions_def=stream_hour_partitions,
+    group_name=GROUP,
+    retry_policy=STEP_RETRY,
+    kinds={"s3"},
+)
+def raw_events(context: dg.AssetExecutionContext, s3: S3StorageResource) -> dg.MaterializeResult:
+    """The (stream, hour)'s newline-delimited JSON files in S3, as written by the microbatcher."""
+    stream, hour = parse_partition_key(context.partition_key)
+    files = s3.store().list_partition(stream, hour)
+    return dg.MaterializeResult(metadata=raw_metadata(files))
+
+
+@dg.asset(
+    key=warehouse_events_key,
+    partitions_def=stream_hour_partitions,
+    deps=[raw_events],
+    group_name=GROUP,
+    retry_policy=STEP_RETRY,
+    kinds={"postgres"},
+    check_specs=[dg.AssetCheckSpec(QUARANTINE_CHECK, asset=warehouse_events_key)],
+)
+def warehouse_events(
+    context: dg.AssetExecutionContext, s3: S3StorageResource, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """The (stream, hour)'s validated, deduplicated, flattened rows in table <customer>.<event>."""
+    stream, hour = parse_partition_key(context.partition_key)
+    outcome = load_partition(s3.store(), warehouse.warehouse(), stream, hour, run_id=context.run_id)
+    context.log.info(summary_line(outcome))
+    return dg.MaterializeResult(
+        metadata=load_metadata(outcome), check_results=[quarantine_check_result(outcome)]
+    )
+
+
+def raw_metadata(files: tuple[SourceFile, ...]) -> dict[str, Any]:
+    return {
+        "files": len(files),
+        "bytes": sum(f.size for f in files),
+        "keys": dg.MetadataValue.json(
+            [{"key": f.key, "size": f.size, "etag": f.etag} for f in files[:_LISTED_KEYS]]
+        ),
+    }
+
+
+def load_metadata(outcome: LoadOutcome) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "table": f"{outcome.stream.customer}.{outcome.stream.event}",
+        "files": len(outcome.files),
+        "bytes": outcome.bytes,
+        "fingerprint": outcome.fingerprint,
+        "unchanged": outcome.skipped,
+        "seconds": round(outcome.seconds, 3),
+    }
+    if not outcome.skipped:
+        metadata.update(
+            records_read=outcome.records_read,
+            duplicates_dropped=outcome.duplicates,
+            quarantined=outcome.quarantined,
+            rows_loaded=outcome.rows_loaded,
+            rows_replaced=outcome.rows_replaced,
+            new_columns=dg.MetadataValue.json(outcome.new_columns),
+        )
+        if outcome.seconds > 0:
+            metadata["events_per_second"] = round(outcome.records_read / outcome.seconds)
+    return metadata
+
+
+def quarantine_check_result(outcome: LoadOutcome) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=QUARANTINE_CHECK,
+        asset_key=warehouse_events_key,
+        passed=outcome.quarantined == 0,
+        metadata=_check_metadata(outcome),
+    )
+
+
+def quarantine_check_evaluation(outcome: LoadOutcome, partition: str) -> dg.AssetCheckEvaluation:
+    """The same check, reported for one partition of a batch run."""
+    return dg.AssetCheckEvaluation(
+        asset_key=warehouse_events_key,
+        check_name=QUARANTINE_CHECK,
+        passed=outcome.quarantined == 0,
+        metadata=_check_metadata(outcome),
+        partition=partition,
+    )
+
+
+def _check_metadata(outcome: LoadOutcome) -> dict[str, Any]:
+    return {
+        "quarantined": outcome.quarantined,
+        "quarantine_keys": dg.MetadataValue.json(outcome.quarantine_keys[:_LISTED_KEYS]),
+    }
+
+
+def summary_line(outcome: LoadOutcome) -> str:
+    if outcome.skipped:
+        return f"{outcome.stream} {outcome.hour:%Y-%m-%d %H}:00 unchanged since its last load"
+    return (
+        f"{outcome.stream} {outcome.hour:%Y-%m-%d %H}:00: {len(outcome.files)} files, "
+        f"{outcome.records_read} records, {outcome.rows_loaded} rows loaded, "
+        f"{outcome.duplicates} duplicates dropped, {outcome.quarantined} quarantined "
+        f"in {outcome.seconds:.2f} s"
+    )

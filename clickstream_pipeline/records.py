@@ -1,0 +1,238 @@
+"""Reading raw files and validating records: streaming, bounded memory, every bad line explained.
+
+Validation is done here, in Python, so that bad input is quarantined with a reason instead of
+failing a COPY; extraction of columns from a valid record is left to the warehouse (see
+``warehouse/``), which runs in another process on another core.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, Any
+
+import orjson
+
+# Lines longer than this are quarantined without being held in memory whole.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+READ_BUFFER_BYTES = 1024 * 1024
+MAX_MESSAGE_ID_CHARS = 255
+
+# Property value kinds that can become typed columns; anything else stays in ``properties`` only.
+KIND_BOOLEAN = "boolean"
+KIND_INTEGER = "integer"
+KIND_NUMBER = "number"
+KIND_STRING = "string"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidRecord:
+    """A record that passed validation, with the values the loader needs up front."""
+
+    message_id: str
+    received_at: datetime
+    event_timestamp: datetime | None
+    sent_at: datetime | None
+    line: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """One quarantined line (``raw`` is None when the file itself could not be read further)."""
+
+    line: int
+    error: str
+    raw: bytes | None
+
+
+@dataclass
+class ReadStats:
+    """What reading a partition's files found: counts, and the kinds of each top-level property
+    (how often each property held each flattenable kind of value)."""
+
+    records_read: int = 0
+    quarantined: int = 0
+    property_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def observe(self, properties: dict[str, Any]) -> None:
+        for name, value in properties.items():
+            kind = value_kind(value)
+            if kind is not None:
+                per_name = self.property_kinds.setdefault(name, {})
+                per_name[kind] = per_name.get(kind, 0) + 1
+
+
+def value_kind(value: object) -> str | None:
+    """The column kind a JSON value can be stored in, or None (null, objects, arrays)."""
+    if isinstance(value, bool):
+        return KIND_BOOLEAN
+    if isinstance(value, int):
+        return KIND_INTEGER if -(2**63) <= value < 2**63 else KIND_NUMBER
+    if isinstance(value, float):
+        return KIND_NUMBER
+    if isinstance(value, str):
+        return KIND_STRING
+    return None
+
+
+def parse_timestamp(value: object) -> datetime | None:
+    """An aware datetime from an ISO-8601 string with an offset or ``Z``; None if invalid."""
+    if not isinstance(value, str) or not _TIMESTAMP_RE.match(value):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+# fromisoformat alone accepts forms PostgreSQL does not (week dates, basic format); require
+# the extended calendar form Segment sends.
+_TIMESTAMP_RE = re.compile(
+    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})$"
+)
+
+
+def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadRecord:
+    """Validate one line; note the kinds of its top-level properties in ``stats`` when valid."""
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        record = _parse_beyond_orjson(raw)
+        if record is None:
+            return BadRecord(line, f"invalid JSON: {error}", raw)
+    if not isinstance(record, dict):
+        return BadRecord(line, f"not a JSON object but {type(record).__name__}", raw)
+    message_id = record.get("messageId")
+    if not isinstance(message_id, str) or not message_id.strip():
+        return BadRecord(line, "messageId is missing or not a non-empty string", raw)
+    if len(message_id) > MAX_MESSAGE_ID_CHARS:
+        return BadRecord(line, f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters", raw)
+    received_at = parse_timestamp(record.get("receivedAt"))
+    if received_at is None:
+        if "receivedAt" not in record:
+            return BadRecord(line, "receivedAt is missing", raw)
+        return BadRecord(line, "receivedAt is not an ISO-8601 timestamp with a time zone", raw)
+    if b"\\u0000" in raw:
+        # PostgreSQL text and jsonb cannot hold NUL characters.
+        return BadRecord(
+            line, "contains a \\u0000 character, which the warehouse cannot store", raw
+        )
+    properties = record.get("properties")
+    if isinstance(properties, dict):
+        stats.observe(properties)
+    return ValidRecord(
+        message_id=message_id,
+        received_at=received_at,
+        event_timestamp=parse_timestamp(record.get("timestamp")),
+        sent_at=parse_timestamp(record.get("sentAt")),
+        line=line,
+        raw=raw,
+    )
+
+
+def _parse_beyond_orjson(raw: bytes) -> Any:
+    """Parse what orjson refuses but is valid JSON (numbers beyond double); None if invalid."""
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _StreamReader(io.RawIOBase):
+    """A raw binary stream over any object with ``read(n)`` (e.g. botocore's StreamingBody)."""
+
+    def __init__(self, source: IO[bytes] | Any) -> None:
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._source.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def iter_lines(source: IO[bytes] | Any, compressed: bool) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line number, line)`` of a file, streaming; lines split on ``\\n`` only.
+
+    Blank lines are skipped. A line longer than MAX_LINE_BYTES is skipped without being held
+    in memory and yielded as the ``OVERSIZED`` marker. Raises ``UnreadableFile`` (with the
+    number of the line where reading stopped) when the gzip stream is corrupt or truncated; the
+    lines before it have been yielded.
+    """
+    stream: IO[bytes] = io.BufferedReader(_StreamReader(source), READ_BUFFER_BYTES)
+    if compressed:
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")  # type: ignore[assignment]
+    number = 0
+    try:
+        while True:
+            chunk = stream.readline(MAX_LINE_BYTES)
+            if not chunk:
+                return
+            number += 1
+            if len(chunk) == MAX_LINE_BYTES and not chunk.endswith(b"\n"):
+                while chunk and not chunk.endswith(b"\n"):
+                    chunk = stream.readline(MAX_LINE_BYTES)
+                yield number, OVERSIZED
+                continue
+            line = chunk.rstrip(b"\r\n")
+            if line.strip():
+                yield number, line
+    except (OSError, EOFError, zlib.error) as error:
+        raise UnreadableFile(number + 1, _describe_read_error(error)) from None
+
+
+OVERSIZED = b"\x00oversized"
+
+
+class UnreadableFile(Exception):
+    """The rest of a file cannot be read (corrupt or truncated compression)."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line = line
+        self.reason = reason
+
+
+def _describe_read_error(error: BaseException) -> str:
+    if isinstance(error, EOFError):
+        return f"truncated gzip file: {error}"
+    if isinstance(error, gzip.BadGzipFile | zlib.error):
+        return f"not a valid gzip file: {error}"
+    return f"cannot read file: {error}"
+
+
+def read_records(
+    source: IO[bytes] | Any, compressed: bool, stats: ReadStats
+) -> Iterator[ValidRecord | BadRecord]:
+    """Every record of one file, valid or bad; an unreadable tail becomes one last BadRecord."""
+    try:
+        for number, line in iter_lines(source, compressed):
+            if line is OVERSIZED:
+                yield BadRecord(number, f"line longer than {MAX_LINE_BYTES} bytes", None)
+            else:
+                yield validate_line(line, number, stats)
+    except UnreadableFile as unreadable:
+        yield BadRecord(unreadable.line, unreadable.reason, None)
+
+
+def quarantine_line(source_key: str, bad: BadRecord) -> bytes:
+    """One line of a quarantine file: ``{"source_key", "line", "error", "raw"}``."""
+    raw = None if bad.raw is None else bad.raw.decode("utf-8", "backslashreplace")
+    return orjson.dumps(
+        {"source_key": source_key, "line": bad.line, "error": bad.error, "raw": raw}
+    )

@@ -1,0 +1,153 @@
+"""The warehouse seam: what every dialect (PostgreSQL, Redshift) provides to the loader."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.records import (
+    KIND_BOOLEAN,
+    KIND_INTEGER,
+    KIND_NUMBER,
+    KIND_STRING,
+    ReadStats,
+    ValidRecord,
+)
+
+# The columns every event table has (the design card's contract), in table order.
+BASE_COLUMNS = (
+    "message_id",
+    "user_id",
+    "anonymous_id",
+    "event_name",
+    "event_timestamp",
+    "sent_at",
+    "received_at",
+    "properties",
+    "context",
+    "_hour",
+    "_source_key",
+    "_loaded_at",
+)
+# A table keeps at most this many flattened property columns; the rest stay in ``properties``.
+MAX_PROPERTY_COLUMNS = 400
+_COLUMN_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+# Tie-break order when a property held several kinds: the most general kind wins.
+_KIND_ORDER = (KIND_STRING, KIND_NUMBER, KIND_INTEGER, KIND_BOOLEAN)
+
+
+@dataclass(frozen=True, order=True)
+class SourceFile:
+    """A raw file as listed in S3: the ETag identifies its content."""
+
+    key: str
+    etag: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def compressed(self) -> bool:
+        return self.key.endswith(".gz")
+
+
+@dataclass(frozen=True)
+class PartitionLoad:
+    """What one load of a (stream, hour) is about: its files and their fingerprint."""
+
+    stream: Stream
+    hour: datetime
+    files: tuple[SourceFile, ...]
+    fingerprint: str
+    run_id: str | None = None
+
+
+@dataclass
+class LoadResult:
+    """What the warehouse did with one partition."""
+
+    staged: int = 0
+    rows_loaded: int = 0
+    rows_replaced: int = 0
+    duplicates_in_partition: int = 0
+    already_loaded: int = 0
+    new_columns: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """The ledger's record of the last committed load of a (stream, hour)."""
+
+    stream: str
+    hour: datetime
+    fingerprint: str
+    rows_loaded: int
+    loaded_at: datetime
+
+
+class Warehouse(Protocol):
+    """A warehouse dialect. Every load replaces one (stream, hour) in one transaction."""
+
+    def ledger(
+        self, streams: Iterable[Stream] | None = None, since: datetime | None = None
+    ) -> dict[tuple[str, datetime], LedgerEntry]:
+        """The ledger entries of ``streams`` (all if None) for hours at or after ``since``."""
+        ...
+
+    def load_partition(
+        self,
+        load: PartitionLoad,
+        records: Iterable[tuple[str, ValidRecord]],
+        stats: ReadStats,
+    ) -> LoadResult:
+        """Load ``records`` (source key, record) as the whole content of ``load``'s partition.
+
+        ``stats`` is filled while ``records`` is consumed (property kinds, quarantine count) and
+        is read afterwards. A load whose fingerprint the ledger already holds changes nothing and
+        returns ``skipped``.
+        """
+        ...
+
+    def row_counts(self, streams: Iterable[Stream]) -> dict[str, int]:
+        """Rows per stream table (0 for tables that do not exist)."""
+        ...
+
+
+def snake_case(name: str) -> str:
+    """``productId`` -> ``product_id``; ``HTTPStatus`` -> ``http_status``; ``a b`` -> ``a_b``."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", spaced)
+    return re.sub(r"[^a-z0-9]+", "_", spaced.lower()).strip("_")
+
+
+def property_columns(property_kinds: Mapping[str, Mapping[str, int]]) -> dict[str, tuple[str, str]]:
+    """Map flattenable property names to ``(column, kind)``.
+
+    A property becomes a column when its snake_case name is a valid identifier that is not a
+    base column; when several properties share a column name, the first in sorted order wins and
+    the others stay in ``properties`` only.
+    """
+    columns: dict[str, tuple[str, str]] = {}
+    taken: set[str] = set(BASE_COLUMNS)
+    for name in sorted(property_kinds):
+        column = snake_case(name)
+        if not _COLUMN_RE.fullmatch(column) or column in taken:
+            continue
+        taken.add(column)
+        columns[name] = (column, column_kind(property_kinds[name]))
+    return columns
+
+
+def column_kind(counts: Mapping[str, int]) -> str:
+    """The kind of a new column: integers and numbers together are numbers; otherwise the most
+    frequent kind (ties go to the more general kind). Other values stay in ``properties``."""
+    if set(counts) == {KIND_INTEGER, KIND_NUMBER}:
+        return KIND_NUMBER
+    return max(_KIND_ORDER, key=lambda kind: (counts.get(kind, 0), -_KIND_ORDER.index(kind)))
