@@ -71,6 +71,13 @@ class Registry:
         mapping.setdefault(validate_name(customer, "customer"), []).extend(events)
         return Registry.from_mapping(mapping)
 
+    def with_streams(self, streams: Iterable[Stream]) -> Registry:
+        """A copy with every stream in ``streams`` registered."""
+        mapping = self.as_mapping()
+        for stream in streams:
+            mapping.setdefault(stream.customer, []).append(stream.event)
+        return Registry.from_mapping(mapping)
+
     def with_removed(self, customer: str, events: Iterable[str] = ()) -> Registry:
         """A copy without ``events`` of ``customer``, or without the customer if none are given."""
         mapping = self.as_mapping()

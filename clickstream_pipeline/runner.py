@@ -27,6 +27,9 @@ from clickstream_pipeline.sensors import (
 )
 
 DEFAULT_DAGSTER_HOME = Path(".clickstream") / "dagster_home"
+# Runs started here log warnings and errors to the terminal; everything is still recorded in
+# the instance's event log for the UI.
+QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 @dataclass
@@ -87,7 +90,7 @@ def run_load(
         batch = pending[start : start + discovery.batch_size]
         keys = [str(partition_key(p.stream, p.hour)) for p in batch]
         result = job.execute_in_process(
-            run_config=run_config_for(keys, discovery.concurrency),
+            run_config={**run_config_for(keys, discovery.concurrency), **QUIET_CONSOLE},
             instance=instance,
             tags={PARTITIONS_TAG: str(len(keys)), "clickstream/source": "clickstream load"},
             raise_on_error=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -24,6 +25,15 @@ DEFAULT_ROOT = Path(".clickstream")
 DEFAULT_BUCKET = "clickstream-local"
 DEFAULT_DATABASE = "clickstream"
 
+# The local Dagster instance: runs retried once by the daemon, no telemetry.
+DAGSTER_YAML = """\
+run_retries:
+  enabled: true
+  max_retries: 1
+telemetry:
+  enabled: false
+"""
+
 # Credentials the local S3 server accepts; they are not secrets.
 _LOCAL_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "local",
@@ -36,6 +46,7 @@ class LocalStack:
     """An embedded PostgreSQL with data under ``root/pg`` and a local S3 server with a bucket.
 
     Use as a context manager; ``env`` holds the variables that point the pipeline at it.
+    ``fresh`` starts from an empty database and Dagster instance (the demo does).
     """
 
     def __init__(
@@ -45,8 +56,10 @@ class LocalStack:
         bucket: str = DEFAULT_BUCKET,
         database: str = DEFAULT_DATABASE,
         s3_port: int = 0,
+        fresh: bool = False,
     ) -> None:
         self.root = Path(root).resolve()
+        self.fresh = fresh
         self.bucket = bucket
         self.database = database
         self.s3_port = s3_port
@@ -63,15 +76,20 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        dagster_home = self.root / "dagster_home"
+        if self.fresh:
+            shutil.rmtree(dagster_home, ignore_errors=True)
+        dagster_home.mkdir(exist_ok=True)
+        if not (dagster_home / "dagster.yaml").exists():
+            (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
         self.env = {
             **_LOCAL_AWS_ENV,
             "AWS_ENDPOINT_URL": endpoint,
             "CLICKSTREAM_BUCKET": self.bucket,
             "CLICKSTREAM_WAREHOUSE_URL": warehouse_url,
             "CLICKSTREAM_REGISTRY": str(self.root / "registry.yaml"),
-            "DAGSTER_HOME": str(self.root / "dagster_home"),
+            "DAGSTER_HOME": str(dagster_home),
         }
-        (self.root / "dagster_home").mkdir(exist_ok=True)
         return self.env
 
     def _start_postgres(self) -> str:
@@ -93,9 +111,12 @@ class LocalStack:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
+                database = sql.Identifier(self.database)
+                if self.fresh:
+                    cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(database))
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
                 if cur.fetchone() is None:
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(database))
         finally:
             conn.close()
         return str(self._pg.get_uri(self.database))

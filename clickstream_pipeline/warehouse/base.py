@@ -88,7 +88,10 @@ class LedgerEntry:
     stream: str
     hour: datetime
     fingerprint: str
+    records_read: int
     rows_loaded: int
+    duplicates: int
+    quarantined: int
     loaded_at: datetime
 
 

@@ -118,6 +118,8 @@ class PostgresWarehouse:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._ledger_ready = False
+        self._tables: set[Stream] = set()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg2.extensions.connection]:
@@ -132,16 +134,21 @@ class PostgresWarehouse:
             conn.close()
 
     def ensure_ledger(self, conn: psycopg2.extensions.connection) -> None:
+        """Create the ledger on first use (once per warehouse object)."""
+        if self._ledger_ready:
+            return
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(hashtextextended('clickstream.ledger', 0))")
             cur.execute(_LEDGER_DDL)
         conn.commit()
+        self._ledger_ready = True
 
     def ledger(
         self, streams: Iterable[Stream] | None = None, since: datetime | None = None
     ) -> dict[tuple[str, datetime], LedgerEntry]:
         query = sql.SQL(
-            "SELECT stream, hour, fingerprint, rows_loaded, loaded_at FROM {}.{} WHERE true"
+            "SELECT stream, hour, fingerprint, records_read, rows_loaded, duplicates, quarantined, "
+            "loaded_at FROM {}.{} WHERE true"
         ).format(sql.Identifier(LEDGER_SCHEMA), sql.Identifier(LEDGER_TABLE))
         params: list[Any] = []
         if streams is not None:
@@ -166,6 +173,7 @@ class PostgresWarehouse:
         stream = load.stream
         table = sql.Identifier(stream.customer, stream.event)
         result = LoadResult()
+        self.ensure_table(stream)
         with self.connection() as conn:
             self.ensure_ledger(conn)
             with conn.cursor() as cur:
@@ -186,7 +194,6 @@ class PostgresWarehouse:
                 if self._loaded_fingerprint(cur, load) == load.fingerprint:
                     conn.rollback()
                     return LoadResult(skipped=True)
-                self._ensure_table(cur, stream)
                 columns = self._ensure_property_columns(cur, stream, stats, result)
                 cur.execute(sql.SQL("DELETE FROM {} WHERE _hour = %s").format(table), (load.hour,))
                 result.rows_replaced = cur.rowcount
@@ -209,18 +216,31 @@ class PostgresWarehouse:
         row = cur.fetchone()
         return None if row is None else str(row[0])
 
-    def _ensure_table(self, cur: Any, stream: Stream) -> None:
-        """Create the stream's schema and table on its first load (under the table's lock)."""
-        cur.execute("SELECT to_regclass(%s)", (_regclass(cur, stream),))
-        row = cur.fetchone()
-        if row is not None and row[0] is not None:
+    def ensure_table(self, stream: Stream) -> None:
+        """Create the stream's schema and table if missing, in a short transaction of its own.
+
+        The customer's advisory lock is taken before any catalog lookup on a fresh connection:
+        a lookup made earlier in the same session can leave a stale "schema does not exist"
+        in PostgreSQL's catalog cache, and concurrent first loads then collide.
+        """
+        if stream in self._tables:
             return
-        # Tables of one customer share a schema: serialise its creation too.
-        cur.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"schema:{stream.customer}",)
-        )
-        table = sql.Identifier(stream.customer, stream.event)
-        cur.execute(sql.SQL(_TABLE_DDL).format(schema=sql.Identifier(stream.customer), table=table))
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                (f"schema:{stream.customer}",),
+            )
+            cur.execute("SELECT to_regclass(%s)", (_regclass(cur, stream),))
+            row = cur.fetchone()
+            if row is None or row[0] is None:
+                cur.execute(
+                    sql.SQL(_TABLE_DDL).format(
+                        schema=sql.Identifier(stream.customer),
+                        table=sql.Identifier(stream.customer, stream.event),
+                    )
+                )
+            conn.commit()
+        self._tables.add(stream)
 
     def _ensure_property_columns(
         self, cur: Any, stream: Stream, stats: ReadStats, result: LoadResult
