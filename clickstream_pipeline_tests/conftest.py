@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import psycopg2
 import pytest
 
@@ -58,3 +59,24 @@ def list_keys(bucket: str, prefix: str = "") -> list[str]:
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
         for obj in page.get("Contents", [])
     ]
+
+
+@pytest.fixture
+def customer() -> str:
+    """A customer name no other test uses, so its tables and ledger rows are its own."""
+    return f"c{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance of its own for one test (runs, materializations, partitions)."""
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def pipeline(
+    local_stack: dict[str, str], bucket: str, registry_path: Path
+) -> dict[str, str]:
+    """The whole pipeline's environment: a fresh bucket and registry over the session's servers."""
+    return {**local_stack, "CLICKSTREAM_BUCKET": bucket, "CLICKSTREAM_REGISTRY": str(registry_path)}

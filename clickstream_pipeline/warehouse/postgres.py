@@ -255,7 +255,7 @@ class PostgresWarehouse:
         property_count = len(set(existing) - set(BASE_COLUMNS))
         wanted = property_columns(stats.property_kinds)
         columns: dict[str, tuple[str, str]] = {}
-        for prop, (column, kind) in wanted.items():
+        for prop, (column, kind) in sorted(wanted.items(), key=lambda item: item[1][0]):
             if column in existing:
                 existing_kind = _KIND_OF_SQL_TYPE.get(existing[column])
                 if existing_kind is not None:

@@ -1,0 +1,222 @@
+"""The load path against the real embedded PostgreSQL and local S3 server."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+
+import orjson
+import pytest
+
+from clickstream_pipeline.loader import LoadOutcome, RawStore, load_partition
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.warehouse import warehouse_for_url
+from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
+from clickstream_pipeline_tests.helpers import (
+    message_ids,
+    put_file,
+    put_raw,
+    query,
+    recent_hour,
+    record,
+)
+
+H1, H2 = recent_hour(3), recent_hour(2)
+
+
+@pytest.fixture
+def stream(customer: str) -> Stream:
+    return Stream(customer, "add_to_cart")
+
+
+def load(pipeline: dict[str, str], stream: Stream, hour) -> LoadOutcome:  # type: ignore[no-untyped-def]
+    store = RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw")
+    return load_partition(store, warehouse_for_url(pipeline["CLICKSTREAM_WAREHOUSE_URL"]), stream, hour)
+
+
+def test_duplicates_in_file_across_files_and_across_hours_load_once(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1), record("m2", H1), record("m1", H1)])
+    put_file(bucket, stream, H1, "b", [record("m2", H1), record("m3", H1)])
+    put_file(bucket, stream, H2, "c", [record("m3", H2), record("m4", H2)])
+
+    first = load(pipeline, stream, H1)
+    second = load(pipeline, stream, H2)
+
+    assert (first.records_read, first.rows_loaded, first.duplicates_in_partition) == (5, 3, 2)
+    assert (second.records_read, second.rows_loaded, second.already_loaded) == (2, 1, 1)
+    assert message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream) == {
+        "m1": H1, "m2": H1, "m3": H1, "m4": H2,
+    }  # fmt: skip
+
+
+def test_a_rerun_with_the_same_files_changes_nothing(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), record("m2", H1)])
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    assert load(pipeline, stream, H1).rows_loaded == 2
+    table = f'"{stream.customer}"."{stream.event}"'
+    before = query(url, f"SELECT message_id, _loaded_at FROM {table} ORDER BY 1")
+
+    again = load(pipeline, stream, H1)
+
+    assert again.skipped and again.rows_loaded == 0
+    assert query(url, f"SELECT message_id, _loaded_at FROM {table} ORDER BY 1") == before
+
+
+def test_a_late_file_adds_exactly_its_new_events(pipeline: dict[str, str], stream: Stream) -> None:
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1), record("m2", H1)])
+    load(pipeline, stream, H1)
+    put_file(bucket, stream, H1, "late", [record("m2", H1), record("m5", H1), record("m6", H1)])
+
+    reload = load(pipeline, stream, H1)
+
+    assert (reload.rows_replaced, reload.rows_loaded, reload.duplicates_in_partition) == (2, 4, 1)
+    assert sorted(message_ids(url, stream)) == ["m1", "m2", "m5", "m6"]
+    ledger = PostgresWarehouse(url).ledger([stream])
+    assert ledger[(stream.key, H1)].fingerprint == reload.fingerprint
+    assert ledger[(stream.key, H1)].rows_loaded == 4
+
+
+def test_bad_records_and_unreadable_files_are_quarantined_and_good_ones_load(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    missing_id = record("x", H1)
+    del missing_id["messageId"]
+    missing_received = record("x", H1)
+    del missing_received["receivedAt"]
+    bad_time = {**record("bad-time", H1), "receivedAt": "yesterday"}
+    put_file(bucket, stream, H1, "mixed", [
+        record("good-1", H1),
+        b'{"messageId": "broken", ',
+        b"[1, 2, 3]",
+        missing_id,
+        missing_received,
+        bad_time,
+        b'{"messageId": "nul", "receivedAt": "2026-01-01T00:00:00Z", "x": "\\u0000"}',
+        b"\xff\xfe not utf-8",
+        record("good-2", H1),
+    ])  # fmt: skip
+    good = gzip.compress(orjson.dumps(record("good-3", H1)) + b"\n")
+    put_raw(bucket, stream, H1, "truncated.jsonl.gz", good + gzip.compress(b'{"a": 1}\n')[:15])
+    put_raw(bucket, stream, H1, "not-gzip.jsonl.gz", b"this is not gzip at all\n")
+
+    outcome = load(pipeline, stream, H1)
+
+    assert (outcome.records_read, outcome.quarantined, outcome.rows_loaded) == (12, 9, 3)
+    assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == [
+        "good-1", "good-2", "good-3",
+    ]  # fmt: skip
+    quarantined = {}
+    for key in outcome.quarantine_keys:
+        body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        quarantined[key.rsplit("/", 1)[1]] = [orjson.loads(line) for line in body.splitlines()]
+    mixed = quarantined.pop("mixed.jsonl.gz.errors.jsonl")
+    assert [(q["line"], q["error"].split(":")[0]) for q in mixed] == [
+        (2, "invalid JSON"),
+        (3, "not a JSON object but list"),
+        (4, "messageId is missing or not a non-empty string"),
+        (5, "receivedAt is missing"),
+        (6, "receivedAt is not an ISO-8601 timestamp with a time zone"),
+        (7, "contains a \\u0000 character, which the warehouse cannot store"),
+        (8, "invalid JSON"),
+    ]
+    assert mixed[1]["raw"] == "[1, 2, 3]" and mixed[6]["raw"] == "\\xff\\xfe not utf-8"
+    assert {q["source_key"] for q in mixed} == {
+        f"raw/customer={stream.customer}/event={stream.event}/date={H1:%Y-%m-%d}/hour={H1:%H}/"
+        "mixed.jsonl.gz"
+    }
+    assert [(q["line"], q["error"].split(":")[0], q["raw"]) for q in
+            quarantined.pop("truncated.jsonl.gz.errors.jsonl")] == [(2, "truncated gzip file", None)]  # fmt: skip
+    assert [(q["line"], q["error"].split(":")[0]) for q in
+            quarantined.pop("not-gzip.jsonl.gz.errors.jsonl")] == [(1, "not a valid gzip file")]  # fmt: skip
+    assert quarantined == {}
+    assert outcome.quarantine_keys[0].startswith(
+        f"quarantine/customer={stream.customer}/event={stream.event}/date={H1:%Y-%m-%d}/hour={H1:%H}/"
+    )
+
+
+def test_properties_become_typed_columns_and_new_ones_add_columns(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(bucket, stream, H1, "a", [
+        record("m1", H1, productId="X1", unitPrice=9.99, quantity=2, isGift=True,
+               experiment={"name": "b"}, **{"Page Title": "Home"}),
+        record("m2", H1, productId="X2", unitPrice=5, quantity=1, isGift=False),
+    ])  # fmt: skip
+    first = load(pipeline, stream, H1)
+    put_file(bucket, stream, H2, "b", [
+        record("m3", H2, productId="X3", quantity="two", couponCode="WELCOME"),
+    ])  # fmt: skip
+    second = load(pipeline, stream, H2)
+
+    assert first.new_columns == ["is_gift", "page_title", "product_id", "quantity", "unit_price"]
+    assert second.new_columns == ["coupon_code"]
+    columns = dict(query(url, (
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s"), (stream.customer, stream.event)))  # fmt: skip
+    assert {k: columns[k] for k in first.new_columns + second.new_columns} == {
+        "is_gift": "boolean", "page_title": "text", "product_id": "text",
+        "quantity": "bigint", "unit_price": "double precision", "coupon_code": "text",
+    }  # fmt: skip
+    assert "experiment" not in columns
+    table = f'"{stream.customer}"."{stream.event}"'
+    rows = query(url, f"SELECT message_id, product_id, unit_price, quantity, is_gift, coupon_code, "
+                      f"properties->>'quantity' FROM {table} ORDER BY message_id")  # fmt: skip
+    assert rows == [
+        ("m1", "X1", 9.99, 2, True, None, "2"),
+        ("m2", "X2", 5.0, 1, False, None, "1"),
+        ("m3", "X3", None, None, None, "WELCOME", "two"),
+    ]
+
+
+def test_two_loads_of_the_same_partition_at_once_give_one_copy(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    records = [record(f"m{i}", H1) for i in range(2000)]
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", records)
+    outcomes: list[LoadOutcome] = []
+    threads = [
+        threading.Thread(target=lambda: outcomes.append(load(pipeline, stream, H1)))
+        for _ in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(o.skipped for o in outcomes) == [False, True, True]
+    assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 2000
+
+
+def test_hostile_property_names_stay_inside_their_table(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    hostile = {
+        'x"; DROP TABLE clickstream.load_ledger; --': 1,
+        "select": "kw",
+        "message_id": "not the id",
+        "_hour": "nope",
+        "": "empty",
+        "naïve": "unicode",
+        "a" * 200: "long",
+    }
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1, **hostile)])
+    outcome = load(pipeline, stream, H1)
+
+    assert outcome.rows_loaded == 1
+    assert outcome.new_columns == ["hour", "na_ve", "select", "x_drop_table_clickstream_load_ledger"]
+    assert query(url, "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s",
+                 (stream.key,)) == [(1,)]  # fmt: skip
+    table = f'"{stream.customer}"."{stream.event}"'
+    assert query(url, f'SELECT message_id, "select", properties->>\'message_id\' FROM {table}') == [
+        ("m1", "kw", "not the id")
+    ]
