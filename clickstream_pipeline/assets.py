@@ -49,7 +49,9 @@ def warehouse_events(
 ) -> dg.MaterializeResult:
     """The (stream, hour)'s validated, deduplicated, flattened rows in table <customer>.<event>."""
     stream, hour = parse_partition_key(context.partition_key)
-    outcome = load_partition(s3.store(), warehouse.warehouse(), stream, hour, run_id=context.run_id)
+    outcome = load_partition(
+        s3.store(), warehouse.warehouse(), stream, hour, run_id=context.op_execution_context.run_id
+    )
     context.log.info(summary_line(outcome))
     return dg.MaterializeResult(
         metadata=load_metadata(outcome), check_results=[quarantine_check_result(outcome)]

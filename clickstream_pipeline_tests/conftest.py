@@ -70,13 +70,11 @@ def customer() -> str:
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
     """A Dagster instance of its own for one test (runs, materializations, partitions)."""
-    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as test_instance:
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as test_instance:
         yield test_instance
 
 
 @pytest.fixture
-def pipeline(
-    local_stack: dict[str, str], bucket: str, registry_path: Path
-) -> dict[str, str]:
+def pipeline(local_stack: dict[str, str], bucket: str, registry_path: Path) -> dict[str, str]:
     """The whole pipeline's environment: a fresh bucket and registry over the session's servers."""
     return {**local_stack, "CLICKSTREAM_BUCKET": bucket, "CLICKSTREAM_REGISTRY": str(registry_path)}

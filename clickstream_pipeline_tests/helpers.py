@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,15 +42,21 @@ def put_file(
     stream: Stream,
     hour: datetime,
     name: str,
-    lines: list[dict[str, Any] | bytes | str],
+    lines: Sequence[dict[str, Any] | bytes | str],
     compress: bool = True,
 ) -> str:
     """Write a raw file of ``lines`` (records, or raw bytes/str for bad input); return its key."""
     body = b"".join(
-        (orjson.dumps(line) if isinstance(line, dict) else line if isinstance(line, bytes)
-         else line.encode()) + b"\n"
+        (
+            orjson.dumps(line)
+            if isinstance(line, dict)
+            else line
+            if isinstance(line, bytes)
+            else line.encode()
+        )
+        + b"\n"
         for line in lines
-    )  # fmt: skip
+    )
     suffix = ".jsonl.gz" if compress else ".jsonl"
     key = raw_key("raw", stream, hour, name + suffix)
     s3_client().put_object(Bucket=bucket, Key=key, Body=gzip.compress(body) if compress else body)
@@ -73,4 +80,4 @@ def query(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[
 def message_ids(url: str, stream: Stream) -> dict[str, datetime]:
     """message_id -> _hour of every row in the stream's table."""
     rows = query(url, f'SELECT message_id, _hour FROM "{stream.customer}"."{stream.event}"')
-    return dict(rows)  # type: ignore[arg-type]
+    return dict(rows)

@@ -24,12 +24,16 @@ def run(*args: str) -> tuple[int, str, str]:
 
 def test_registry_round_trip(registry_path: Path) -> None:
     assert run("registry", "add", "acme", "add_to_cart", "page_view") == (
-        0, "", f"registered acme.add_to_cart, acme.page_view in {registry_path}\n",
-    )  # fmt: skip
+        0,
+        "",
+        f"registered acme.add_to_cart, acme.page_view in {registry_path}\n",
+    )
     assert run("registry", "add", "globex", "video_play")[0] == 0
     assert run("registry", "list") == (
-        0, "acme.add_to_cart\nacme.page_view\nglobex.video_play\n", "",
-    )  # fmt: skip
+        0,
+        "acme.add_to_cart\nacme.page_view\nglobex.video_play\n",
+        "",
+    )
     assert run("registry", "remove", "acme", "page_view")[0] == 0
     assert run("registry", "remove", "globex")[0] == 0
     assert run("registry", "list")[1] == "acme.add_to_cart\n"
@@ -94,9 +98,19 @@ def test_unreachable_s3_is_one_line(monkeypatch: pytest.MonkeyPatch, registry_pa
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["registry"], ["registry", "list"], ["registry", "add"], ["registry", "remove"],
-     ["generate"], ["stack"], ["load"], ["demo"], ["dev"]],
-)  # fmt: skip
+    [
+        [],
+        ["registry"],
+        ["registry", "list"],
+        ["registry", "add"],
+        ["registry", "remove"],
+        ["generate"],
+        ["stack"],
+        ["load"],
+        ["demo"],
+        ["dev"],
+    ],
+)
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([*command, "--help"])

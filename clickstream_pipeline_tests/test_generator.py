@@ -64,8 +64,11 @@ def test_files_follow_the_raw_layout_and_hours_end_before_now() -> None:
         assert parsed.name.endswith(".jsonl.gz")
         assert first <= generated.hour <= first + timedelta(hours=2)
     assert {f.stream.key for f in files} == {
-        "acme.page_view", "acme.add_to_cart", "globex.page_view", "globex.add_to_cart",
-    }  # fmt: skip
+        "acme.page_view",
+        "acme.add_to_cart",
+        "globex.page_view",
+        "globex.add_to_cart",
+    }
 
 
 def test_valid_records_are_segment_track_calls_received_in_their_hour() -> None:
@@ -80,9 +83,17 @@ def test_valid_records_are_segment_track_calls_received_in_their_hour() -> None:
             seen.add(record["messageId"])
             assert record["type"] == "track"
             assert set(record) == {
-                "messageId", "type", "event", "userId", "anonymousId", "timestamp", "sentAt",
-                "receivedAt", "properties", "context",
-            }  # fmt: skip
+                "messageId",
+                "type",
+                "event",
+                "userId",
+                "anonymousId",
+                "timestamp",
+                "sentAt",
+                "receivedAt",
+                "properties",
+                "context",
+            }
             received = datetime.fromisoformat(record["receivedAt"])
             assert generated.hour <= received < generated.hour + timedelta(hours=1)
             assert datetime.fromisoformat(record["sentAt"]) < received
@@ -106,8 +117,10 @@ def test_counts_match_the_content() -> None:
                 stream_seen.add(message_id)
                 new += 1
         assert (new, duplicates, bad) == (
-            generated.new_messages, generated.duplicates, generated.bad_records,
-        )  # fmt: skip
+            generated.new_messages,
+            generated.duplicates,
+            generated.bad_records,
+        )
         assert duplicates > 0 and bad > 0
 
 
@@ -149,9 +162,12 @@ def test_every_kind_of_bad_record_is_produced() -> None:
             elif not is_valid(line):
                 kinds["bad_timestamp"] += 1
     assert set(kinds) == {
-        "invalid_json", "not_an_object", "missing_message_id", "missing_received_at",
+        "invalid_json",
+        "not_an_object",
+        "missing_message_id",
+        "missing_received_at",
         "bad_timestamp",
-    }  # fmt: skip
+    }
 
 
 def test_generation_is_deterministic_and_late_files_separable() -> None:
@@ -166,16 +182,30 @@ def test_generation_is_deterministic_and_late_files_separable() -> None:
 
 
 def test_skew_makes_heavy_customers_and_hours_heavier() -> None:
-    spec = GeneratorSpec(customers=3, events=1, hours=3, events_per_file=10, files_per_hour=1,
-                         skew=20, heavy_customers=1, heavy_hours=1)  # fmt: skip
+    spec = GeneratorSpec(
+        customers=3,
+        events=1,
+        hours=3,
+        events_per_file=10,
+        files_per_hour=1,
+        skew=20,
+        heavy_customers=1,
+        heavy_hours=1,
+    )
     records = {
         (f.stream.customer, f.hour.hour): f.records for f in generate_files(spec, "raw", NOW)
     }
     assert records == {
-        ("acme", 11): 200, ("acme", 12): 200, ("acme", 13): 200,
-        ("globex", 11): 200, ("globex", 12): 10, ("globex", 13): 10,
-        ("initech", 11): 200, ("initech", 12): 10, ("initech", 13): 10,
-    }  # fmt: skip
+        ("acme", 11): 200,
+        ("acme", 12): 200,
+        ("acme", 13): 200,
+        ("globex", 11): 200,
+        ("globex", 12): 10,
+        ("globex", 13): 10,
+        ("initech", 11): 200,
+        ("initech", 12): 10,
+        ("initech", 13): 10,
+    }
 
 
 def test_names_beyond_the_built_in_lists_stay_valid() -> None:
@@ -198,12 +228,31 @@ def test_cli_writes_to_the_bucket_and_registers_streams(
     bucket: str, registry_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
-        main([
-            "generate", "--customers", "2", "--events", "2", "--hours", "2",
-            "--events-per-file", "50", "--files-per-hour", "2", "--late-files", "1",
-            "--duplicate-rate", "0.1", "--bad-record-rate", "0.1", "--seed", "3",
-            "--start", "2026-11-25T22",
-        ])  # fmt: skip
+        main(
+            [
+                "generate",
+                "--customers",
+                "2",
+                "--events",
+                "2",
+                "--hours",
+                "2",
+                "--events-per-file",
+                "50",
+                "--files-per-hour",
+                "2",
+                "--late-files",
+                "1",
+                "--duplicate-rate",
+                "0.1",
+                "--bad-record-rate",
+                "0.1",
+                "--seed",
+                "3",
+                "--start",
+                "2026-11-25T22",
+            ]
+        )
     assert exited.value.code == 0
     keys = list_keys(bucket, "raw/")
     assert len(keys) == 2 * 2 * 2 * 2 + 1
@@ -212,8 +261,11 @@ def test_cli_writes_to_the_bucket_and_registers_streams(
         "raw/customer=globex/event=add_to_cart/date=2026-11-25/hour=23/part-0001.jsonl.gz" in keys
     )
     assert [s.key for s in registry_backend().load().streams] == [
-        "acme.add_to_cart", "acme.page_view", "globex.add_to_cart", "globex.page_view",
-    ]  # fmt: skip
+        "acme.add_to_cart",
+        "acme.page_view",
+        "globex.add_to_cart",
+        "globex.page_view",
+    ]
     body = s3_client().get_object(Bucket=bucket, Key=keys[0])["Body"].read()
     assert len(gzip.decompress(body).splitlines()) == 50
     assert "17 files (1 late), 850 records" in capsys.readouterr().out

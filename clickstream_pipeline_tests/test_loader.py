@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import threading
+from datetime import datetime
 
 import orjson
 import pytest
@@ -30,9 +31,11 @@ def stream(customer: str) -> Stream:
     return Stream(customer, "add_to_cart")
 
 
-def load(pipeline: dict[str, str], stream: Stream, hour) -> LoadOutcome:  # type: ignore[no-untyped-def]
+def load(pipeline: dict[str, str], stream: Stream, hour: datetime) -> LoadOutcome:
     store = RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw")
-    return load_partition(store, warehouse_for_url(pipeline["CLICKSTREAM_WAREHOUSE_URL"]), stream, hour)
+    return load_partition(
+        store, warehouse_for_url(pipeline["CLICKSTREAM_WAREHOUSE_URL"]), stream, hour
+    )
 
 
 def test_duplicates_in_file_across_files_and_across_hours_load_once(
@@ -49,8 +52,11 @@ def test_duplicates_in_file_across_files_and_across_hours_load_once(
     assert (first.records_read, first.rows_loaded, first.duplicates_in_partition) == (5, 3, 2)
     assert (second.records_read, second.rows_loaded, second.already_loaded) == (2, 1, 1)
     assert message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream) == {
-        "m1": H1, "m2": H1, "m3": H1, "m4": H2,
-    }  # fmt: skip
+        "m1": H1,
+        "m2": H1,
+        "m3": H1,
+        "m4": H2,
+    }
 
 
 def test_a_rerun_with_the_same_files_changes_nothing(
@@ -92,17 +98,23 @@ def test_bad_records_and_unreadable_files_are_quarantined_and_good_ones_load(
     missing_received = record("x", H1)
     del missing_received["receivedAt"]
     bad_time = {**record("bad-time", H1), "receivedAt": "yesterday"}
-    put_file(bucket, stream, H1, "mixed", [
-        record("good-1", H1),
-        b'{"messageId": "broken", ',
-        b"[1, 2, 3]",
-        missing_id,
-        missing_received,
-        bad_time,
-        b'{"messageId": "nul", "receivedAt": "2026-01-01T00:00:00Z", "x": "\\u0000"}',
-        b"\xff\xfe not utf-8",
-        record("good-2", H1),
-    ])  # fmt: skip
+    put_file(
+        bucket,
+        stream,
+        H1,
+        "mixed",
+        [
+            record("good-1", H1),
+            b'{"messageId": "broken", ',
+            b"[1, 2, 3]",
+            missing_id,
+            missing_received,
+            bad_time,
+            b'{"messageId": "nul", "receivedAt": "2026-01-01T00:00:00Z", "x": "\\u0000"}',
+            b"\xff\xfe not utf-8",
+            record("good-2", H1),
+        ],
+    )
     good = gzip.compress(orjson.dumps(record("good-3", H1)) + b"\n")
     put_raw(bucket, stream, H1, "truncated.jsonl.gz", good + gzip.compress(b'{"a": 1}\n')[:15])
     put_raw(bucket, stream, H1, "not-gzip.jsonl.gz", b"this is not gzip at all\n")
@@ -111,8 +123,10 @@ def test_bad_records_and_unreadable_files_are_quarantined_and_good_ones_load(
 
     assert (outcome.records_read, outcome.quarantined, outcome.rows_loaded) == (12, 9, 3)
     assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == [
-        "good-1", "good-2", "good-3",
-    ]  # fmt: skip
+        "good-1",
+        "good-2",
+        "good-3",
+    ]
     quarantined = {}
     for key in outcome.quarantine_keys:
         body = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -132,10 +146,14 @@ def test_bad_records_and_unreadable_files_are_quarantined_and_good_ones_load(
         f"raw/customer={stream.customer}/event={stream.event}/date={H1:%Y-%m-%d}/hour={H1:%H}/"
         "mixed.jsonl.gz"
     }
-    assert [(q["line"], q["error"].split(":")[0], q["raw"]) for q in
-            quarantined.pop("truncated.jsonl.gz.errors.jsonl")] == [(2, "truncated gzip file", None)]  # fmt: skip
-    assert [(q["line"], q["error"].split(":")[0]) for q in
-            quarantined.pop("not-gzip.jsonl.gz.errors.jsonl")] == [(1, "not a valid gzip file")]  # fmt: skip
+    assert [
+        (q["line"], q["error"].split(":")[0], q["raw"])
+        for q in quarantined.pop("truncated.jsonl.gz.errors.jsonl")
+    ] == [(2, "truncated gzip file", None)]
+    assert [
+        (q["line"], q["error"].split(":")[0])
+        for q in quarantined.pop("not-gzip.jsonl.gz.errors.jsonl")
+    ] == [(1, "not a valid gzip file")]
     assert quarantined == {}
     assert outcome.quarantine_keys[0].startswith(
         f"quarantine/customer={stream.customer}/event={stream.event}/date={H1:%Y-%m-%d}/hour={H1:%H}/"
@@ -146,30 +164,64 @@ def test_properties_become_typed_columns_and_new_ones_add_columns(
     pipeline: dict[str, str], stream: Stream
 ) -> None:
     bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
-    put_file(bucket, stream, H1, "a", [
-        record("m1", H1, productId="X1", unitPrice=9.99, quantity=2, isGift=True,
-               experiment={"name": "b"}, **{"Page Title": "Home"}),
-        record("m2", H1, productId="X2", unitPrice=5, quantity=1, isGift=False),
-    ])  # fmt: skip
+    put_file(
+        bucket,
+        stream,
+        H1,
+        "a",
+        [
+            record(
+                "m1",
+                H1,
+                productId="X1",
+                unitPrice=9.99,
+                quantity=2,
+                isGift=True,
+                experiment={"name": "b"},
+                **{"Page Title": "Home"},
+            ),
+            record("m2", H1, productId="X2", unitPrice=5, quantity=1, isGift=False),
+        ],
+    )
     first = load(pipeline, stream, H1)
-    put_file(bucket, stream, H2, "b", [
-        record("m3", H2, productId="X3", quantity="two", couponCode="WELCOME"),
-    ])  # fmt: skip
+    put_file(
+        bucket,
+        stream,
+        H2,
+        "b",
+        [
+            record("m3", H2, productId="X3", quantity="two", couponCode="WELCOME"),
+        ],
+    )
     second = load(pipeline, stream, H2)
 
     assert first.new_columns == ["is_gift", "page_title", "product_id", "quantity", "unit_price"]
     assert second.new_columns == ["coupon_code"]
-    columns = dict(query(url, (
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = %s AND table_name = %s"), (stream.customer, stream.event)))  # fmt: skip
+    columns = dict(
+        query(
+            url,
+            (
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s"
+            ),
+            (stream.customer, stream.event),
+        )
+    )
     assert {k: columns[k] for k in first.new_columns + second.new_columns} == {
-        "is_gift": "boolean", "page_title": "text", "product_id": "text",
-        "quantity": "bigint", "unit_price": "double precision", "coupon_code": "text",
-    }  # fmt: skip
+        "is_gift": "boolean",
+        "page_title": "text",
+        "product_id": "text",
+        "quantity": "bigint",
+        "unit_price": "double precision",
+        "coupon_code": "text",
+    }
     assert "experiment" not in columns
     table = f'"{stream.customer}"."{stream.event}"'
-    rows = query(url, f"SELECT message_id, product_id, unit_price, quantity, is_gift, coupon_code, "
-                      f"properties->>'quantity' FROM {table} ORDER BY message_id")  # fmt: skip
+    rows = query(
+        url,
+        f"SELECT message_id, product_id, unit_price, quantity, is_gift, coupon_code, "
+        f"properties->>'quantity' FROM {table} ORDER BY message_id",
+    )
     assert rows == [
         ("m1", "X1", 9.99, 2, True, None, "2"),
         ("m2", "X2", 5.0, 1, False, None, "1"),
@@ -213,10 +265,16 @@ def test_hostile_property_names_stay_inside_their_table(
     outcome = load(pipeline, stream, H1)
 
     assert outcome.rows_loaded == 1
-    assert outcome.new_columns == ["hour", "na_ve", "select", "x_drop_table_clickstream_load_ledger"]
-    assert query(url, "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s",
-                 (stream.key,)) == [(1,)]  # fmt: skip
+    assert outcome.new_columns == [
+        "hour",
+        "na_ve",
+        "select",
+        "x_drop_table_clickstream_load_ledger",
+    ]
+    assert query(
+        url, "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s", (stream.key,)
+    ) == [(1,)]
     table = f'"{stream.customer}"."{stream.event}"'
-    assert query(url, f'SELECT message_id, "select", properties->>\'message_id\' FROM {table}') == [
+    assert query(url, f"SELECT message_id, \"select\", properties->>'message_id' FROM {table}") == [
         ("m1", "kw", "not the id")
     ]

@@ -1,0 +1,113 @@
+"""`clickstream load` and `clickstream demo` as a user runs them: subprocesses, real servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline_tests.helpers import message_ids, put_file, recent_hour, record
+
+H1, H2 = recent_hour(3), recent_hour(2)
+
+
+def clickstream(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clickstream_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+
+
+def test_load_records_runs_in_dagster_home_and_a_second_load_changes_nothing(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
+) -> None:
+    stream = Stream(customer, "page_view")
+    YamlFileRegistry(registry_path).save(Registry().with_streams([stream]))
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1), record("m2", H1), record("m1", H1)])
+    put_file(bucket, stream, H2, "a", [record("m3", H2), b"{bad"])
+    env = {**pipeline, "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+
+    first = clickstream("load", "--grace-minutes", "0", env=env)
+
+    assert first.returncode == 0, first.stderr
+    assert (
+        f"│ {stream} │     2 │     2 │       5 │           3 │                  1 │           1 │"
+        in first.stdout
+    )
+    assert "2 of 2 partitions loaded in 1 runs" in first.stdout
+    assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == ["m1", "m2", "m3"]
+    with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("warehouse_events")) == {
+            f"{H1:%Y-%m-%d-%H}:00|{stream}",
+            f"{H2:%Y-%m-%d-%H}:00|{stream}",
+        }
+        assert instance.get_dynamic_partitions("stream") == [str(stream)]
+
+    second = clickstream("load", "--grace-minutes", "0", env=env)
+    assert (second.returncode, second.stdout) == (
+        0,
+        "nothing to load: every completed hour is up to date\n",
+    )
+
+
+def test_load_with_the_warehouse_down_is_one_line_and_exit_1(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
+) -> None:
+    YamlFileRegistry(registry_path).save(Registry().with_streams([Stream(customer, "page_view")]))
+    env = {
+        **pipeline,
+        "DAGSTER_HOME": str(tmp_path),
+        "CLICKSTREAM_WAREHOUSE_URL": "postgresql://loader:s3cret@/x?host=/nonexistent",
+    }
+    result = clickstream("load", env=env)
+    assert result.returncode == 1
+    # Dagster may warn first about DAGSTER_HOME having no dagster.yaml; the error is one line.
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("clickstream: error: cannot connect to the warehouse: ")
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+def test_demo_prints_the_summary_and_proves_exact_counts(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clickstream_pipeline.cli",
+            "demo",
+            "--root",
+            str(tmp_path),
+            "--customers",
+            "2",
+            "--events",
+            "2",
+            "--hours",
+            "2",
+            "--events-per-file",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CLICKSTREAM_", "AWS_", "DAGSTER_"))
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "clickstream demo: warehouse tables" in result.stdout
+    assert "a third load found 0 to do" in result.stdout
+    assert result.stdout.rstrip().endswith(
+        "every table holds exactly the unique valid events: nothing lost, nothing twice"
+    )
