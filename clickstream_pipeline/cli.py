@@ -12,10 +12,9 @@ import warnings
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
-import dagster as dg
 from botocore.exceptions import BotoCoreError, ClientError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,10 +31,11 @@ from clickstream_pipeline.generator import (
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
 from clickstream_pipeline.registry import registry_backend
-from clickstream_pipeline.resources import WarehouseResource
-from clickstream_pipeline.runner import LoadSummary, dagster_instance, run_load
 from clickstream_pipeline.s3 import ensure_bucket, s3_client
-from clickstream_pipeline.sensors import DiscoveryResource
+from clickstream_pipeline.warehouse import warehouse_for_url
+
+if TYPE_CHECKING:
+    from clickstream_pipeline.runner import LoadSummary
 
 # Tables keep their columns readable when output goes to a file or a CI log, not a terminal.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -308,10 +308,7 @@ def load(batch_size: int, concurrency: int, grace_minutes: int) -> None:
     settings = Settings.from_env()
     settings.require_bucket()
     settings.require_warehouse_url()
-    discovery = DiscoveryResource(
-        batch_size=batch_size, concurrency=concurrency, grace_minutes=grace_minutes
-    )
-    summary = _run_load(discovery)
+    summary = _run_load(batch_size=batch_size, concurrency=concurrency, grace_minutes=grace_minutes)
     _print_load(summary)
     if summary.failed:
         raise ClickstreamError(
@@ -320,9 +317,20 @@ def load(batch_size: int, concurrency: int, grace_minutes: int) -> None:
         )
 
 
-def _run_load(discovery: DiscoveryResource) -> LoadSummary:
-    from clickstream_pipeline.definitions import defs
+def _run_load(**discovery_settings: int) -> LoadSummary:
+    """Load through Dagster (imported here: the registry commands start faster without it)."""
+    import dagster as dg
 
+    # Dagster flags its own beta and preview parameters as it builds definitions; a user of
+    # this command can do nothing about them.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+    from clickstream_pipeline.definitions import defs
+    from clickstream_pipeline.runner import dagster_instance, run_load
+    from clickstream_pipeline.sensors import DiscoveryResource
+
+    discovery = DiscoveryResource(**discovery_settings)
     instance = dagster_instance()
     with _progress() as progress:
         task = progress.add_task("discovering", total=None)
@@ -425,16 +433,15 @@ def demo(
                 on_file=lambda _: progress.advance(task),
             )
         err.print(f"wrote {written.files} files, {written.records:,} events; loading ...")
-        discovery = DiscoveryResource(grace_minutes=0)
-        first = _run_load(discovery)
+        first = _run_load(grace_minutes=0)
         late = write_files(
             client,
             env["CLICKSTREAM_BUCKET"],
             generate_files(spec, settings.raw_prefix, now, include="late"),
         )
         err.print(f"{late.files} late files arrived; loading again ...")
-        second = _run_load(discovery)
-        third = _run_load(discovery)
+        second = _run_load(grace_minutes=0)
+        third = _run_load(grace_minutes=0)
         expected = _expected_rows(spec, settings.raw_prefix, now)
         _print_demo(spec, expected, [first, second, third], time.perf_counter() - began)
 
@@ -450,7 +457,7 @@ def _expected_rows(spec: GeneratorSpec, raw_prefix: str, now: datetime) -> dict[
 def _print_demo(
     spec: GeneratorSpec, expected: dict[str, int], loads: list[LoadSummary], seconds: float
 ) -> None:
-    warehouse = WarehouseResource().warehouse()
+    warehouse = warehouse_for_url(Settings.from_env().require_warehouse_url())
     rows = warehouse.row_counts(spec.streams)
     ledger = warehouse.ledger(spec.streams)
     table = Table(title="clickstream demo: warehouse tables", title_justify="left")
@@ -556,10 +563,6 @@ def dev(root: str, port: int, sample: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and exit status 1."""
-    # Dagster flags its own beta and preview parameters as it builds definitions; a user of
-    # this command can do nothing about them.
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     try:
         status = cli.main(
             args=list(argv) if argv is not None else None,
