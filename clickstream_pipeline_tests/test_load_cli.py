@@ -111,3 +111,38 @@ def test_demo_prints_the_summary_and_proves_exact_counts(tmp_path: Path) -> None
     assert result.stdout.rstrip().endswith(
         "every table holds exactly the unique valid events: nothing lost, nothing twice"
     )
+
+
+def test_dagster_asset_materialize_loads_one_partition(
+    pipeline: dict[str, str], tmp_path: Path, customer: str
+) -> None:
+    stream = Stream(customer, "page_view")
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), record("m2", H1)])
+    home = tmp_path / "home"
+    home.mkdir()
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("stream", [str(stream)])
+    partition = f"{H1:%Y-%m-%d-%H}:00|{stream}"
+
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "clickstream_pipeline.definitions",
+            "--select",
+            "raw_events,warehouse_events",
+            "--partition",
+            partition,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **pipeline, "DAGSTER_HOME": str(home)},
+    )
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == ["m1", "m2"]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("warehouse_events")) == {partition}
