@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName } } } }"
 
@@ -21,14 +22,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def graphql(port: int, query: str) -> dict:  # type: ignore[type-arg]
+def graphql(port: int, query: str) -> Any:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",
         data=json.dumps({"query": query}).encode(),
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())  # type: ignore[no-any-return]
+        return json.loads(response.read())
 
 
 def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -> None:
