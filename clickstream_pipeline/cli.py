@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -28,6 +28,7 @@ from clickstream_pipeline.generator import (
     generate_files,
     write_files,
 )
+from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
 from clickstream_pipeline.registry import registry_backend
@@ -529,6 +530,8 @@ def dev(root: str, port: int, sample: bool) -> None:
                 duplicate_rate=0.02,
                 bad_record_rate=0.01,
                 seed=7,
+                # Hours that ended over an hour ago: past any grace period, so they load at once.
+                start=hour_floor(datetime.now(UTC)) - timedelta(hours=4),
             )
             _register(spec)
             write_files(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -81,3 +84,26 @@ def message_ids(url: str, stream: Stream) -> dict[str, datetime]:
     """message_id -> _hour of every row in the stream's table."""
     rows = query(url, f'SELECT message_id, _hour FROM "{stream.customer}"."{stream.event}"')
     return dict(rows)
+
+
+def outside_env() -> dict[str, str]:
+    """This process's environment without the pipeline's variables: a user's fresh shell."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CLICKSTREAM_", "AWS_", "DAGSTER_"))
+    }
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``clickstream`` in a new process, as a user would (``env``: ours plus these)."""
+    return subprocess.run(
+        [sys.executable, "-m", "clickstream_pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env} if env is not None else None,
+        cwd=cwd,
+        timeout=300,
+    )

@@ -1,24 +1,15 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from clickstream_pipeline.cli import main
+from clickstream_pipeline_tests.helpers import run_cli
 
 
 def run(*args: str) -> tuple[int, str, str]:
-    """Run the installed console script, as a user would."""
-    result = subprocess.run(
-        [sys.executable, "-m", "clickstream_pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-        timeout=120,
-    )
+    result = run_cli(*args)
     return result.returncode, result.stdout, result.stderr
 
 

@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from clickstream_pipeline_tests.helpers import outside_env
+
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName } } } }"
 
 
@@ -34,11 +36,6 @@ def graphql(port: int, query: str) -> Any:
 
 def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -> None:
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CLICKSTREAM_", "AWS_", "DAGSTER_"))
-    }
     process = subprocess.Popen(
         [
             sys.executable,
@@ -51,7 +48,7 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
             str(port),
         ],
         cwd=tmp_path,
-        env=env,
+        env=outside_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -227,32 +227,12 @@ def test_spec_rejects_impossible_values(field: str, value: float) -> None:
 def test_cli_writes_to_the_bucket_and_registers_streams(
     bucket: str, registry_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    args = (
+        "generate --customers 2 --events 2 --hours 2 --events-per-file 50 --files-per-hour 2 "
+        "--late-files 1 --duplicate-rate 0.1 --bad-record-rate 0.1 --seed 3 --start 2026-11-25T22"
+    )
     with pytest.raises(SystemExit) as exited:
-        main(
-            [
-                "generate",
-                "--customers",
-                "2",
-                "--events",
-                "2",
-                "--hours",
-                "2",
-                "--events-per-file",
-                "50",
-                "--files-per-hour",
-                "2",
-                "--late-files",
-                "1",
-                "--duplicate-rate",
-                "0.1",
-                "--bad-record-rate",
-                "0.1",
-                "--seed",
-                "3",
-                "--start",
-                "2026-11-25T22",
-            ]
-        )
+        main(args.split())
     assert exited.value.code == 0
     keys = list_keys(bucket, "raw/")
     assert len(keys) == 2 * 2 * 2 * 2 + 1

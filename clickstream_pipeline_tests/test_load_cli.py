@@ -11,19 +11,16 @@ import dagster as dg
 
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
-from clickstream_pipeline_tests.helpers import message_ids, put_file, recent_hour, record
+from clickstream_pipeline_tests.helpers import (
+    message_ids,
+    outside_env,
+    put_file,
+    recent_hour,
+    record,
+    run_cli,
+)
 
 H1, H2 = recent_hour(3), recent_hour(2)
-
-
-def clickstream(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "clickstream_pipeline.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=300,
-    )
 
 
 def test_load_records_runs_in_dagster_home_and_a_second_load_changes_nothing(
@@ -37,7 +34,7 @@ def test_load_records_runs_in_dagster_home_and_a_second_load_changes_nothing(
     env = {**pipeline, "DAGSTER_HOME": str(tmp_path / "home")}
     (tmp_path / "home").mkdir()
 
-    first = clickstream("load", "--grace-minutes", "0", env=env)
+    first = run_cli("load", "--grace-minutes", "0", env=env)
 
     assert first.returncode == 0, first.stderr
     assert (
@@ -53,7 +50,7 @@ def test_load_records_runs_in_dagster_home_and_a_second_load_changes_nothing(
         }
         assert instance.get_dynamic_partitions("stream") == [str(stream)]
 
-    second = clickstream("load", "--grace-minutes", "0", env=env)
+    second = run_cli("load", "--grace-minutes", "0", env=env)
     assert (second.returncode, second.stdout) == (
         0,
         "nothing to load: every completed hour is up to date\n",
@@ -69,7 +66,7 @@ def test_load_with_the_warehouse_down_is_one_line_and_exit_1(
         "DAGSTER_HOME": str(tmp_path),
         "CLICKSTREAM_WAREHOUSE_URL": "postgresql://loader:s3cret@/x?host=/nonexistent",
     }
-    result = clickstream("load", env=env)
+    result = run_cli("load", env=env)
     assert result.returncode == 1
     # Dagster may warn first about DAGSTER_HOME having no dagster.yaml; the error is one line.
     last = result.stderr.splitlines()[-1]
@@ -78,32 +75,14 @@ def test_load_with_the_warehouse_down_is_one_line_and_exit_1(
 
 
 def test_demo_prints_the_summary_and_proves_exact_counts(tmp_path: Path) -> None:
+    args = f"demo --root {tmp_path} --customers 2 --events 2 --hours 2 --events-per-file 300"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clickstream_pipeline.cli",
-            "demo",
-            "--root",
-            str(tmp_path),
-            "--customers",
-            "2",
-            "--events",
-            "2",
-            "--hours",
-            "2",
-            "--events-per-file",
-            "300",
-        ],
+        [sys.executable, "-m", "clickstream_pipeline.cli", *args.split()],
         capture_output=True,
         text=True,
-        timeout=300,
+        env=outside_env(),
         cwd=tmp_path,
-        env={
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("CLICKSTREAM_", "AWS_", "DAGSTER_"))
-        },
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "clickstream demo: warehouse tables" in result.stdout

@@ -22,7 +22,7 @@ from clickstream_pipeline.sensors import (
 )
 from clickstream_pipeline_tests.helpers import put_file, recent_hour, record
 
-H1, H2, NOW_HOUR = recent_hour(3), recent_hour(2), recent_hour(0)
+H1, H2, NEXT_HOUR = recent_hour(3), recent_hour(2), recent_hour(-1)
 
 
 def key(stream: Stream, hour: datetime) -> str:
@@ -84,14 +84,14 @@ def test_discovery_requests_completed_hours_of_registered_streams_only(
     bucket = pipeline["CLICKSTREAM_BUCKET"]
     stream, other, unregistered = (Stream(customer, e) for e in ("page_view", "signup", "login"))
     register(registry_path, stream, other)
-    for hour in (H1, H2, NOW_HOUR):
+    for hour in (H1, H2, NEXT_HOUR):
         put_file(bucket, stream, hour, "a", [record(f"{hour:%H}-1", hour)])
     put_file(bucket, other, H1, "a", [record("o1", H1)])
     put_file(bucket, unregistered, H1, "a", [record("u1", H1)])
 
     first = tick(instance)
 
-    # Oldest hours first, two partitions per run (batch_size=2); the current hour is not complete.
+    # Oldest hours first, two partitions per run (batch_size=2); the next hour is not complete.
     assert partitions_of(first) == [[key(stream, H1), key(other, H1)], [key(stream, H2)]]
     assert [r.tags[PARTITIONS_TAG] for r in first.run_requests or []] == ["2", "1"]
     assert all(re.fullmatch(r"\d{8}T\d{6}-\d", r.run_key or "") for r in first.run_requests or [])
