@@ -138,6 +138,18 @@ def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadR
     )
 
 
+def parse_json(raw: bytes) -> Any:
+    """Parse one JSON document (orjson, else the standard parser for numbers beyond double);
+    raise ValueError when it is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = _parse_beyond_orjson(raw)
+        if parsed is None:
+            raise
+        return parsed
+
+
 def _parse_beyond_orjson(raw: bytes) -> Any:
     """Parse what orjson refuses but is valid JSON (numbers beyond double); None if invalid."""
     try:

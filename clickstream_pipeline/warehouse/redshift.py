@@ -1,0 +1,714 @@
+"""Amazon Redshift: staged gzip parts and a manifest in S3, COPY ... MANIFEST, one-transaction merge.
+
+The way Redshift is meant to be loaded: Python validates and flattens the partition's records
+into a few similar-size gzip JSON parts under ``staged/<stream>/<hour>/<load id>/`` with a
+manifest listing exactly those parts (``"mandatory": true``) and a JSONPaths file mapping every
+column explicitly (never ``JSON 'auto'``, which drops unknown keys silently). Then, in one
+transaction: lock the table, re-check the ledger, ``COPY`` into a temporary staging table,
+delete the hour's rows, insert the first copy of each message not already in the table
+(``properties``/``context`` via ``JSON_PARSE`` into SUPER), write the ledger row, commit.
+
+Because a started COPY survives a client disconnect, every attempt first reads the ledger: a
+partition whose fingerprint is already there is never loaded twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import math
+import re
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import orjson
+import psycopg2
+
+from clickstream_pipeline.errors import ClickstreamError, ServiceUnavailable
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.records import (
+    KIND_BOOLEAN,
+    KIND_INTEGER,
+    KIND_NUMBER,
+    KIND_STRING,
+    ReadStats,
+    ValidRecord,
+    parse_json,
+    value_kind,
+)
+from clickstream_pipeline.warehouse.base import (
+    BASE_COLUMNS,
+    MAX_PROPERTY_COLUMNS,
+    LedgerEntry,
+    LoadResult,
+    PartitionLoad,
+    property_columns,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+LEDGER = '"clickstream"."load_ledger"'
+STAGING = '"_clickstream_staging"'
+# Redshift's VARCHAR limit: properties or context larger than this cannot be staged as text.
+MAX_VARCHAR_BYTES = 65535
+MIN_PART_BYTES = 1024 * 1024
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
+_IAM_ROLE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+
+SQL_TYPES = {
+    KIND_BOOLEAN: "BOOLEAN",
+    KIND_INTEGER: "BIGINT",
+    KIND_NUMBER: "DOUBLE PRECISION",
+    KIND_STRING: "VARCHAR(65535)",
+}
+_KIND_OF_TYPE = {
+    "boolean": KIND_BOOLEAN,
+    "bigint": KIND_INTEGER,
+    "double precision": KIND_NUMBER,
+    "character varying": KIND_STRING,
+    "text": KIND_STRING,
+}
+
+# Staged columns, in the order of the staging table and the JSONPaths file.
+STAGED_COLUMNS = (
+    ("message_id", "VARCHAR(256) NOT NULL"),
+    ("user_id", "VARCHAR(256)"),
+    ("anonymous_id", "VARCHAR(256)"),
+    ("event_name", "VARCHAR(256)"),
+    ("event_timestamp", "TIMESTAMPTZ"),
+    ("sent_at", "TIMESTAMPTZ"),
+    ("received_at", "TIMESTAMPTZ NOT NULL"),
+    ("properties", "VARCHAR(65535)"),
+    ("context", "VARCHAR(65535)"),
+    ("_source_key", "VARCHAR(1024) NOT NULL"),
+    ("_line", "INTEGER NOT NULL"),
+)
+
+LEDGER_DDL = (
+    'CREATE SCHEMA IF NOT EXISTS "clickstream"',
+    f"CREATE TABLE IF NOT EXISTS {LEDGER} ("
+    "stream VARCHAR(128) NOT NULL, hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
+    "fingerprint VARCHAR(64) NOT NULL, files VARCHAR(65535) NOT NULL, "
+    "records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, "
+    "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
+    "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY (stream, hour)) "
+    "DISTSTYLE ALL SORTKEY (stream, hour)",
+)
+
+
+def ident(name: str) -> str:
+    """Quote an identifier that has already passed a naming rule (no quotes can occur)."""
+    if not _IDENTIFIER.fullmatch(name):
+        raise ValueError(f"not a safe identifier: {name!r}")
+    return f'"{name}"'
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def table_name(stream: Stream) -> str:
+    return f"{ident(stream.customer)}.{ident(stream.event)}"
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RedshiftConfig:
+    """A ``redshift://`` URL: ``redshift://user[:password]@host[:5439]/db?iam_role=arn...``.
+
+    Without a password, temporary credentials come from IAM: ``cluster_id=`` (provisioned,
+    ``redshift:GetClusterCredentials``) or ``workgroup=`` (Serverless, ``GetCredentials``).
+    ``parts=`` sets the number of staged parts (default 4: use a multiple of the cluster's
+    slices); ``keep_staged=true`` keeps staged files after a committed load.
+    """
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None
+    iam_role: str
+    cluster_id: str | None = None
+    workgroup: str | None = None
+    region: str | None = None
+    parts: int = 4
+    keep_staged: bool = False
+    sslmode: str = "require"
+
+    @classmethod
+    def from_url(cls, url: str, default_iam_role: str | None = None) -> RedshiftConfig:
+        parts = urlsplit(url)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if parts.scheme != "redshift" or not parts.hostname or not parts.path.strip("/"):
+            raise ClickstreamError(
+                "invalid Redshift URL: expected redshift://user[:password]@host[:port]/database"
+            )
+        if not parts.username:
+            raise ClickstreamError("invalid Redshift URL: a user name is required")
+        role = query.get("iam_role") or default_iam_role
+        if not role or not _IAM_ROLE.fullmatch(role):
+            raise ClickstreamError(
+                "Redshift needs an IAM role for COPY: add ?iam_role=arn:aws:iam::<account>:role/"
+                "<name> to the URL or set CLICKSTREAM_REDSHIFT_IAM_ROLE"
+            )
+        password = unquote(parts.password) if parts.password else None
+        if password is None and not (query.get("cluster_id") or query.get("workgroup")):
+            raise ClickstreamError(
+                "invalid Redshift URL: give a password, or cluster_id= / workgroup= for IAM "
+                "credentials"
+            )
+        try:
+            part_count = int(query.get("parts", "4"))
+            port = parts.port or 5439
+        except ValueError:
+            raise ClickstreamError("invalid Redshift URL: port and parts must be numbers") from None
+        if not 1 <= part_count <= 1024:
+            raise ClickstreamError("invalid Redshift URL: parts must be between 1 and 1024")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            database=parts.path.strip("/"),
+            user=unquote(parts.username),
+            password=password,
+            iam_role=role,
+            cluster_id=query.get("cluster_id"),
+            workgroup=query.get("workgroup"),
+            region=query.get("region"),
+            parts=part_count,
+            keep_staged=query.get("keep_staged", "false").lower() in ("1", "true", "yes"),
+            sslmode=query.get("sslmode", "require"),
+        )
+
+
+def iam_credentials(config: RedshiftConfig) -> tuple[str, str]:
+    """Temporary database credentials from IAM (provisioned cluster or Serverless workgroup)."""
+    import boto3
+
+    if config.workgroup:
+        client = boto3.client("redshift-serverless", region_name=config.region)
+        answer = client.get_credentials(workgroupName=config.workgroup, dbName=config.database)
+        return answer["dbUser"], answer["dbPassword"]
+    redshift = boto3.client("redshift", region_name=config.region)
+    issued = redshift.get_cluster_credentials(
+        DbUser=config.user,
+        DbName=config.database,
+        ClusterIdentifier=config.cluster_id or "",
+        DurationSeconds=900,
+        AutoCreate=False,
+    )
+    return issued["DbUser"], issued["DbPassword"]
+
+
+def connect_redshift(config: RedshiftConfig) -> Any:
+    """A psycopg2 connection to Redshift, with IAM credentials when no password is given."""
+    user, password = config.user, config.password
+    if password is None:
+        user, password = iam_credentials(config)
+    return psycopg2.connect(
+        host=config.host,
+        port=config.port,
+        dbname=config.database,
+        user=user,
+        password=password,
+        sslmode=config.sslmode,
+        application_name="clickstream",
+        connect_timeout=30,
+    )
+
+
+# --- SQL ------------------------------------------------------------------------------------
+
+
+def create_table_sql(stream: Stream) -> list[str]:
+    """Schema and table DDL: sort key ``received_at``; DISTKEY ``message_id`` keeps the
+    dedup anti-join against the table collocated and spreads rows evenly (ids are random)."""
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {ident(stream.customer)}",
+        f"CREATE TABLE IF NOT EXISTS {table_name(stream)} ("
+        "message_id VARCHAR(256) NOT NULL, user_id VARCHAR(256), anonymous_id VARCHAR(256), "
+        "event_name VARCHAR(256), event_timestamp TIMESTAMPTZ, sent_at TIMESTAMPTZ, "
+        "received_at TIMESTAMPTZ NOT NULL, properties SUPER, context SUPER, "
+        "_hour TIMESTAMPTZ NOT NULL, _source_key VARCHAR(1024) NOT NULL, "
+        "_loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE()) "
+        "DISTKEY (message_id) SORTKEY (received_at)",
+    ]
+
+
+def add_column_sql(stream: Stream, column: str, kind: str) -> str:
+    """One new property column per statement (Redshift adds one column per ALTER TABLE)."""
+    return f"ALTER TABLE {table_name(stream)} ADD COLUMN {ident(column)} {SQL_TYPES[kind]}"
+
+
+def staging_sql(columns: list[tuple[str, str]]) -> str:
+    definitions = [f"{ident(name)} {sql_type}" for name, sql_type in STAGED_COLUMNS]
+    definitions += [f"{ident(column)} {SQL_TYPES[kind]}" for column, kind in columns]
+    return f"CREATE TEMP TABLE {STAGING} ({', '.join(definitions)}) DISTKEY (message_id)"
+
+
+def copy_sql(
+    columns: list[tuple[str, str]], manifest_url: str, jsonpaths_url: str, iam_role: str
+) -> str:
+    names = [name for name, _ in STAGED_COLUMNS] + [column for column, _ in columns]
+    return (
+        f"COPY {STAGING} ({', '.join(ident(n) for n in names)}) "
+        f"FROM {literal(manifest_url)} IAM_ROLE {literal(iam_role)} MANIFEST GZIP "
+        f"FORMAT AS JSON {literal(jsonpaths_url)} TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF"
+    )
+
+
+def insert_sql(stream: Stream, columns: list[tuple[str, str]]) -> str:
+    """Insert the first copy (by source key, line) of each message not already in the table."""
+    flat = [ident(column) for column, _ in columns]
+    targets = [ident(c) for c in BASE_COLUMNS if c != "_loaded_at"] + flat
+    values = [
+        "s.message_id",
+        "s.user_id",
+        "s.anonymous_id",
+        "s.event_name",
+        "s.event_timestamp",
+        "s.sent_at",
+        "s.received_at",
+        "JSON_PARSE(s.properties)",
+        "JSON_PARSE(s.context)",
+        "%(hour)s",
+        "s._source_key",
+    ] + [f"s.{name}" for name in flat]
+    return (
+        f"INSERT INTO {table_name(stream)} ({', '.join(targets)}) "
+        f"SELECT {', '.join(values)} FROM ("
+        f"SELECT *, ROW_NUMBER() OVER (PARTITION BY message_id ORDER BY _source_key, _line) "
+        f"AS _copy FROM {STAGING}) s "
+        f"WHERE s._copy = 1 AND NOT EXISTS ("
+        f"SELECT 1 FROM {table_name(stream)} t WHERE t.message_id = s.message_id)"
+    )
+
+
+def load_statements(
+    stream: Stream,
+    columns: list[tuple[str, str]],
+    manifest_url: str,
+    jsonpaths_url: str,
+    iam_role: str,
+) -> dict[str, str]:
+    """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
+    return {
+        "lock": f"LOCK {table_name(stream)}",
+        "loaded": f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
+        "staging": staging_sql(columns),
+        "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
+        "counts": f"SELECT COUNT(*), COUNT(DISTINCT message_id) FROM {STAGING}",
+        "delete": f"DELETE FROM {table_name(stream)} WHERE _hour = %(hour)s",
+        "insert": insert_sql(stream, columns),
+        "forget": f"DELETE FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
+        "record": (
+            f"INSERT INTO {LEDGER} (stream, hour, load_id, fingerprint, files, records_read, "
+            "rows_loaded, duplicates, quarantined, new_columns, run_id) VALUES (%(stream)s, "
+            "%(hour)s, %(load_id)s, %(fingerprint)s, %(files)s, %(records_read)s, "
+            "%(rows_loaded)s, %(duplicates)s, %(quarantined)s, %(new_columns)s, %(run_id)s)"
+        ),
+    }
+
+
+LOAD_ERRORS_SQL = (
+    "SELECT file_name, line_number, column_name, error_message FROM sys_load_error_detail "
+    "WHERE query_id = pg_last_copy_id() ORDER BY line_number LIMIT 5"
+)
+LOAD_ERRORS_FALLBACK_SQL = (
+    "SELECT filename, line_number, colname, err_reason FROM stl_load_errors "
+    "WHERE query = pg_last_copy_id() ORDER BY line_number LIMIT 5"
+)
+
+
+# --- staging --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagedLoad:
+    """The staged files of one load attempt."""
+
+    load_id: str
+    prefix: str
+    parts: tuple[tuple[str, int], ...]  # (key, bytes)
+    manifest_key: str
+    jsonpaths_key: str
+
+
+def staged_prefix(stream: Stream, hour: datetime, load_id: str) -> str:
+    return f"staged/{stream.key}/{hour:%Y-%m-%dT%H}/{load_id}/"
+
+
+def staged_row(
+    record: dict[str, Any],
+    valid: ValidRecord,
+    source_key: str,
+    columns: list[tuple[str, str, str]],
+) -> dict[str, Any]:
+    """One staged JSON object: base columns, JSON text for SUPER, typed property columns."""
+    properties = record.get("properties")
+    context = record.get("context")
+    row: dict[str, Any] = {
+        "message_id": valid.message_id,
+        "user_id": _text(record.get("userId")),
+        "anonymous_id": _text(record.get("anonymousId")),
+        "event_name": _text(record.get("event")),
+        "event_timestamp": valid.event_timestamp.isoformat() if valid.event_timestamp else None,
+        "sent_at": valid.sent_at.isoformat() if valid.sent_at else None,
+        "received_at": valid.received_at.isoformat(),
+        "properties": orjson.dumps(properties).decode() if isinstance(properties, dict) else None,
+        "context": orjson.dumps(context).decode() if isinstance(context, dict) else None,
+        "_source_key": source_key,
+        "_line": valid.line,
+    }
+    props = properties if isinstance(properties, dict) else {}
+    for prop, column, kind in columns:
+        value = props.get(prop)
+        row[column] = value if _fits(value, kind) else None
+    return row
+
+
+def _text(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+def _fits(value: object, kind: str) -> bool:
+    found = value_kind(value)
+    if found == kind:
+        return not (kind == KIND_STRING and len(str(value).encode()) > MAX_VARCHAR_BYTES)
+    return kind == KIND_NUMBER and found == KIND_INTEGER and abs(value) < 2**53  # type: ignore[arg-type]
+
+
+def jsonpaths(columns: list[tuple[str, str]]) -> bytes:
+    names = [name for name, _ in STAGED_COLUMNS] + [column for column, _ in columns]
+    return orjson.dumps({"jsonpaths": [f"$['{name}']" for name in names]})
+
+
+def manifest(bucket: str, parts: Iterable[tuple[str, int]]) -> bytes:
+    return orjson.dumps(
+        {
+            "entries": [
+                {"url": f"s3://{bucket}/{key}", "mandatory": True, "meta": {"content_length": size}}
+                for key, size in parts
+            ]
+        }
+    )
+
+
+# --- the warehouse -------------------------------------------------------------------------
+
+
+class RedshiftWarehouse:
+    """Loads partitions into Redshift tables ``<customer>.<event>`` through staged S3 files."""
+
+    def __init__(
+        self,
+        config: RedshiftConfig,
+        client: S3Client,
+        bucket: str,
+        connect: Callable[[RedshiftConfig], Any] = connect_redshift,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.bucket = bucket
+        self._connect = connect
+        self._ready: set[str] = set()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        try:
+            conn = self._connect(self.config)
+        except psycopg2.OperationalError as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
+            raise ServiceUnavailable(f"cannot connect to the warehouse: {reason}") from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _ddl(self, conn: Any, key: str, statements: Iterable[str]) -> None:
+        """Run idempotent DDL once per warehouse object, each statement committed."""
+        if key in self._ready:
+            return
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+        conn.commit()
+        self._ready.add(key)
+
+    def ledger(
+        self, streams: Iterable[Stream] | None = None, since: datetime | None = None
+    ) -> dict[tuple[str, datetime], LedgerEntry]:
+        query = (
+            "SELECT stream, hour, fingerprint, records_read, rows_loaded, duplicates, "
+            f"quarantined, loaded_at FROM {LEDGER} WHERE 1 = 1"
+        )
+        params: list[Any] = []
+        if streams is not None:
+            keys = tuple(s.key for s in streams)
+            if not keys:
+                return {}
+            query += " AND stream IN %s"
+            params.append(keys)
+        if since is not None:
+            query += " AND hour >= %s"
+            params.append(since)
+        with self.connection() as conn:
+            self._ddl(conn, "ledger", LEDGER_DDL)
+            with conn.cursor() as cur:
+                cur.execute(query, params)
+                rows = cur.fetchall()
+        return {(row[0], row[1]): LedgerEntry(*row) for row in rows}
+
+    def row_counts(self, streams: Iterable[Stream]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self.connection() as conn, conn.cursor() as cur:
+            for stream in streams:
+                cur.execute(
+                    "SELECT COUNT(*) FROM information_schema.tables "
+                    "WHERE table_schema = %s AND table_name = %s",
+                    (stream.customer, stream.event),
+                )
+                row = cur.fetchone()
+                if not row or not row[0]:
+                    counts[stream.key] = 0
+                    continue
+                cur.execute(f"SELECT COUNT(*) FROM {table_name(stream)}")
+                counted = cur.fetchone()
+                counts[stream.key] = int(counted[0]) if counted else 0
+        return counts
+
+    def load_partition(
+        self,
+        load: PartitionLoad,
+        records: Iterable[tuple[str, ValidRecord]],
+        stats: ReadStats,
+    ) -> LoadResult:
+        stream = load.stream
+        with self.connection() as conn:
+            self._ddl(conn, "ledger", LEDGER_DDL)
+            if self._loaded(conn, load):
+                conn.rollback()
+                return LoadResult(skipped=True)
+            self._ddl(conn, f"table:{stream}", create_table_sql(stream))
+            with tempfile.TemporaryFile() as spool:
+                _spool(records, spool)
+                columns, new_columns = self._ensure_columns(conn, stream, stats)
+                staged = self._stage(load, spool, columns)
+            try:
+                result = self._merge(conn, load, staged, columns, stats, new_columns)
+            finally:
+                if not self.config.keep_staged:
+                    self._remove(staged)
+        result.new_columns = new_columns
+        return result
+
+    def _loaded(self, conn: Any, load: PartitionLoad) -> bool:
+        with conn.cursor() as cur:
+            cur.execute(
+                f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
+                {"stream": load.stream.key, "hour": load.hour},
+            )
+            row = cur.fetchone()
+        return row is not None and row[0] == load.fingerprint
+
+    def _ensure_columns(
+        self, conn: Any, stream: Stream, stats: ReadStats
+    ) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """The property columns to stage (prop, column, kind), adding new ones one by one."""
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = %s",
+                (stream.customer, stream.event),
+            )
+            existing = {name: data_type for name, data_type in cur.fetchall()}
+            flattened = len(set(existing) - set(BASE_COLUMNS))
+            columns: list[tuple[str, str, str]] = []
+            new: list[str] = []
+            wanted = property_columns(stats.property_kinds)
+            for prop, (column, kind) in sorted(wanted.items(), key=lambda item: item[1][0]):
+                if column in existing:
+                    known = _KIND_OF_TYPE.get(existing[column])
+                    if known is not None:
+                        columns.append((prop, column, known))
+                    continue
+                if flattened >= MAX_PROPERTY_COLUMNS:
+                    continue
+                cur.execute(add_column_sql(stream, column, kind))
+                conn.commit()
+                flattened += 1
+                columns.append((prop, column, kind))
+                new.append(column)
+        return columns, new
+
+    def _stage(
+        self, load: PartitionLoad, spool: IO[bytes], columns: list[tuple[str, str, str]]
+    ) -> StagedLoad:
+        """Write the spooled records as similar-size gzip parts, a manifest and JSONPaths."""
+        load_id = f"{load.fingerprint[:16]}-{uuid.uuid4().hex[:8]}"
+        prefix = staged_prefix(load.stream, load.hour, load_id)
+        size = spool.seek(0, 2)
+        count = max(1, min(self.config.parts, math.ceil(size / MIN_PART_BYTES)))
+        spool.seek(0)
+        files = [tempfile.TemporaryFile() for _ in range(count)]
+        try:
+            writers = [gzip.GzipFile(fileobj=f, mode="wb", compresslevel=6) for f in files]
+            for index, (source_key, valid, record) in enumerate(_unspool(spool)):
+                row = staged_row(record, valid, source_key, columns)
+                writers[index % count].write(orjson.dumps(row) + b"\n")
+            parts = []
+            for number, (writer, handle) in enumerate(zip(writers, files, strict=True)):
+                writer.close()
+                part_size = handle.tell()
+                handle.seek(0)
+                key = f"{prefix}part-{number:04d}.json.gz"
+                self.client.upload_fileobj(handle, self.bucket, key)
+                parts.append((key, part_size))
+        finally:
+            for handle in files:
+                handle.close()
+        column_kinds = [(column, kind) for _, column, kind in columns]
+        manifest_key, jsonpaths_key = f"{prefix}manifest.json", f"{prefix}jsonpaths.json"
+        self.client.put_object(
+            Bucket=self.bucket, Key=manifest_key, Body=manifest(self.bucket, parts)
+        )
+        self.client.put_object(Bucket=self.bucket, Key=jsonpaths_key, Body=jsonpaths(column_kinds))
+        return StagedLoad(load_id, prefix, tuple(parts), manifest_key, jsonpaths_key)
+
+    def _merge(
+        self,
+        conn: Any,
+        load: PartitionLoad,
+        staged: StagedLoad,
+        columns: list[tuple[str, str, str]],
+        stats: ReadStats,
+        new_columns: list[str],
+    ) -> LoadResult:
+        """The load transaction."""
+        column_kinds = [(column, kind) for _, column, kind in columns]
+        sql = load_statements(
+            load.stream,
+            column_kinds,
+            f"s3://{self.bucket}/{staged.manifest_key}",
+            f"s3://{self.bucket}/{staged.jsonpaths_key}",
+            self.config.iam_role,
+        )
+        params: dict[str, Any] = {"stream": load.stream.key, "hour": load.hour}
+        result = LoadResult()
+        with conn.cursor() as cur:
+            cur.execute(sql["lock"])
+            cur.execute(sql["loaded"], params)
+            row = cur.fetchone()
+            if row is not None and row[0] == load.fingerprint:
+                conn.rollback()
+                return LoadResult(skipped=True)
+            cur.execute(sql["staging"])
+            try:
+                cur.execute(sql["copy"])
+            except psycopg2.Error as error:
+                conn.rollback()
+                raise ClickstreamError(
+                    f"COPY of {load.stream} {load.hour:%Y-%m-%d %H}:00 failed: "
+                    f"{_first_line(error)}{self._load_errors(conn)}"
+                ) from None
+            cur.execute(sql["counts"])
+            staged_rows, distinct = cur.fetchone() or (0, 0)
+            cur.execute(sql["delete"], params)
+            result.rows_replaced = cur.rowcount
+            cur.execute(sql["insert"], params)
+            result.rows_loaded = cur.rowcount
+            result.staged = staged_rows
+            result.duplicates_in_partition = staged_rows - distinct
+            result.already_loaded = distinct - result.rows_loaded
+            files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
+            cur.execute(sql["forget"], params)
+            cur.execute(
+                sql["record"],
+                {
+                    **params,
+                    "load_id": staged.load_id,
+                    "fingerprint": load.fingerprint,
+                    "files": orjson.dumps(files).decode(),
+                    "records_read": stats.records_read,
+                    "rows_loaded": result.rows_loaded,
+                    "duplicates": result.duplicates_in_partition + result.already_loaded,
+                    "quarantined": stats.quarantined,
+                    "new_columns": orjson.dumps(new_columns).decode(),
+                    "run_id": load.run_id,
+                },
+            )
+        conn.commit()
+        return result
+
+    def _load_errors(self, conn: Any) -> str:
+        """The first rows of Redshift's load errors for the last COPY, as one line."""
+        for query in (LOAD_ERRORS_SQL, LOAD_ERRORS_FALLBACK_SQL):
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(query)
+                    rows = cur.fetchall()
+            except psycopg2.Error:
+                conn.rollback()
+                continue
+            if rows:
+                details = "; ".join(
+                    f"{name.strip()} line {line} column {column.strip()}: {message.strip()}"
+                    for name, line, column, message in rows
+                )
+                return f" ({details})"
+        return ""
+
+    def _remove(self, staged: StagedLoad) -> None:
+        keys = [key for key, _ in staged.parts] + [staged.manifest_key, staged.jsonpaths_key]
+        self.client.delete_objects(
+            Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
+        )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _spool(records: Iterable[tuple[str, ValidRecord]], spool: IO[bytes]) -> None:
+    """Write the partition's records to local disk (first pass: property kinds are counted)."""
+    for source_key, valid in records:
+        header = orjson.dumps(
+            [
+                source_key,
+                valid.message_id,
+                valid.line,
+                valid.received_at.isoformat(),
+                valid.event_timestamp.isoformat() if valid.event_timestamp else None,
+                valid.sent_at.isoformat() if valid.sent_at else None,
+            ]
+        )
+        spool.write(header + b"\t" + valid.raw + b"\n")
+
+
+def _unspool(spool: IO[bytes]) -> Iterator[tuple[str, ValidRecord, dict[str, Any]]]:
+    for line in spool:
+        header, _, raw = line.rstrip(b"\n").partition(b"\t")
+        source_key, message_id, number, received, timestamp, sent = orjson.loads(header)
+        record = parse_json(raw) if raw else {}
+        yield (
+            source_key,
+            ValidRecord(
+                message_id=message_id,
+                received_at=datetime.fromisoformat(received),
+                event_timestamp=datetime.fromisoformat(timestamp) if timestamp else None,
+                sent_at=datetime.fromisoformat(sent) if sent else None,
+                line=number,
+                raw=raw,
+            ),
+            record if isinstance(record, dict) else {},
+        )
