@@ -1,4 +1,4 @@
-"""Amazon Redshift: staged gzip parts and a manifest in S3, COPY ... MANIFEST, one-transaction merge.
+"""Amazon Redshift: staged gzip parts + manifest in S3, COPY ... MANIFEST, one-transaction merge.
 
 The way Redshift is meant to be loaded: Python validates and flattens the partition's records
 into a few similar-size gzip JSON parts under ``staged/<stream>/<hour>/<load id>/`` with a
