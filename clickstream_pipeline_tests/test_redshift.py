@@ -1,0 +1,344 @@
+"""The Redshift dialect: exact SQL, staged files in the local S3 server, and the whole flow run
+against the embedded PostgreSQL (only COPY from S3 is done by the test wrapper)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from datetime import datetime
+
+import orjson
+import pytest
+
+from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.layout import raw_key
+from clickstream_pipeline.loader import LoadOutcome, RawStore, load_partition, with_retries
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.warehouse import warehouse_for_url
+from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse
+from clickstream_pipeline_tests.conftest import list_keys
+from clickstream_pipeline_tests.helpers import message_ids, put_file, query, recent_hour, record
+from clickstream_pipeline_tests.redshift_on_postgres import (
+    Faults,
+    RedshiftOnPostgres,
+    install_shims,
+)
+
+H1, H2 = recent_hour(3), recent_hour(2)
+ROLE = "arn:aws:iam::123456789012:role/clickstream-copy"
+URL = f"redshift://loader:s3cret@example.abc123.us-east-1.redshift.amazonaws.com:5439/dev?iam_role={ROLE}"
+
+
+@pytest.fixture
+def stream(customer: str) -> Stream:
+    return Stream(customer, "add_to_cart")
+
+
+@pytest.fixture
+def engine(pipeline: dict[str, str]) -> RedshiftOnPostgres:
+    install_shims(pipeline["CLICKSTREAM_WAREHOUSE_URL"])
+    return RedshiftOnPostgres(pipeline["CLICKSTREAM_WAREHOUSE_URL"])
+
+
+def redshift(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, url: str = URL
+) -> RedshiftWarehouse:
+    return RedshiftWarehouse(
+        RedshiftConfig.from_url(url), s3_client(), pipeline["CLICKSTREAM_BUCKET"], connect=engine
+    )
+
+
+def load(
+    pipeline: dict[str, str], warehouse: RedshiftWarehouse, stream: Stream, hour: datetime
+) -> LoadOutcome:
+    store = RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw")
+    return load_partition(store, warehouse, stream, hour)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_url_with_password_and_role() -> None:
+    config = RedshiftConfig.from_url(URL + "&parts=8&keep_staged=true")
+    assert (config.host, config.port, config.database, config.user, config.password) == (
+        "example.abc123.us-east-1.redshift.amazonaws.com",
+        5439,
+        "dev",
+        "loader",
+        "s3cret",
+    )
+    assert (config.iam_role, config.parts, config.keep_staged) == (ROLE, 8, True)
+
+
+def test_url_with_iam_credentials_and_role_from_the_environment() -> None:
+    config = RedshiftConfig.from_url(
+        "redshift://loader@host/dev?cluster_id=analytics&region=eu-west-1", default_iam_role=ROLE
+    )
+    assert (config.password, config.cluster_id, config.region, config.iam_role) == (
+        None,
+        "analytics",
+        "eu-west-1",
+        ROLE,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redshift://loader:s3cret@host/dev", "Redshift needs an IAM role for COPY"),
+        ("redshift://loader:s3cret@host/dev?iam_role=role/x", "Redshift needs an IAM role"),
+        (f"redshift://loader@host/dev?iam_role={ROLE}", "give a password, or cluster_id="),
+        (f"redshift://:s3cret@host/dev?iam_role={ROLE}", "a user name is required"),
+        (f"redshift://loader:s3cret@host/?iam_role={ROLE}", "expected redshift://user"),
+        (f"redshift://loader:s3cret@host/dev?iam_role={ROLE}&parts=0", "parts must be between"),
+    ],
+)
+def test_bad_urls_are_one_line_without_the_password(url: str, message: str) -> None:
+    with pytest.raises(ClickstreamError) as raised:
+        RedshiftConfig.from_url(url)
+    assert message in str(raised.value)
+    assert "s3cret" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_the_url_scheme_chooses_the_dialect(pipeline: dict[str, str]) -> None:
+    assert isinstance(warehouse_for_url(URL), RedshiftWarehouse)
+
+
+# --- the whole flow on PostgreSQL ---------------------------------------------------------------
+
+
+def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1, productId="X1", quantity=2)])
+    warehouse = redshift(pipeline, engine)
+    first = load(pipeline, warehouse, stream, H1)
+    [(load_id,)] = query(
+        pipeline["CLICKSTREAM_WAREHOUSE_URL"],
+        'SELECT load_id FROM "clickstream"."load_ledger" WHERE stream = %s',
+        (str(stream),),
+    )
+    table = f'"{stream.customer}"."{stream.event}"'
+    staged = f"s3://{bucket}/staged/{stream}/{H1:%Y-%m-%dT%H}/{load_id}"
+    ledger_check = (
+        'SELECT fingerprint FROM "clickstream"."load_ledger" '
+        "WHERE stream = %(stream)s AND hour = %(hour)s"
+    )
+    params = {"stream": str(stream), "hour": H1}
+    columns = (
+        '"message_id", "user_id", "anonymous_id", "event_name", "event_timestamp", "sent_at", '
+        '"received_at", "properties", "context", "_source_key", "_line"'
+    )
+    sent = [statement for statement, _ in engine.statements]
+    assert first.new_columns == ["product_id", "quantity"]
+    assert sent[:2] == [
+        'CREATE SCHEMA IF NOT EXISTS "clickstream"',
+        'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, '
+        "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
+        "fingerprint VARCHAR(64) NOT NULL, files VARCHAR(65535) NOT NULL, "
+        "records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT "
+        "NULL, run_id VARCHAR(64), loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY "
+        "(stream, hour)) DISTSTYLE ALL SORTKEY (stream, hour)",
+    ]
+    assert sent[2:] == [
+        ledger_check,
+        f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"',
+        f"CREATE TABLE IF NOT EXISTS {table} (message_id VARCHAR(256) NOT NULL, user_id "
+        "VARCHAR(256), anonymous_id VARCHAR(256), event_name VARCHAR(256), event_timestamp "
+        "TIMESTAMPTZ, sent_at TIMESTAMPTZ, received_at TIMESTAMPTZ NOT NULL, properties SUPER, "
+        "context SUPER, _hour TIMESTAMPTZ NOT NULL, _source_key VARCHAR(1024) NOT NULL, "
+        "_loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE()) DISTKEY (message_id) SORTKEY "
+        "(received_at)",
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s",
+        f'ALTER TABLE {table} ADD COLUMN "product_id" VARCHAR(65535)',
+        f'ALTER TABLE {table} ADD COLUMN "quantity" BIGINT',
+        f"LOCK {table}",
+        ledger_check,
+        'CREATE TEMP TABLE "_clickstream_staging" ("message_id" VARCHAR(256) NOT NULL, '
+        '"user_id" VARCHAR(256), "anonymous_id" VARCHAR(256), "event_name" VARCHAR(256), '
+        '"event_timestamp" TIMESTAMPTZ, "sent_at" TIMESTAMPTZ, "received_at" TIMESTAMPTZ NOT NULL, '
+        '"properties" VARCHAR(65535), "context" VARCHAR(65535), "_source_key" VARCHAR(1024) NOT '
+        'NULL, "_line" INTEGER NOT NULL, "product_id" VARCHAR(65535), "quantity" BIGINT) '
+        "DISTKEY (message_id)",
+        f'COPY "_clickstream_staging" ({columns}, "product_id", "quantity") FROM '
+        f"'{staged}/manifest.json' IAM_ROLE '{ROLE}' MANIFEST GZIP FORMAT AS JSON "
+        f"'{staged}/jsonpaths.json' TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF",
+        'SELECT COUNT(*), COUNT(DISTINCT message_id) FROM "_clickstream_staging"',
+        f"DELETE FROM {table} WHERE _hour = %(hour)s",
+        f'INSERT INTO {table} ("message_id", "user_id", "anonymous_id", "event_name", '
+        '"event_timestamp", "sent_at", "received_at", "properties", "context", "_hour", '
+        '"_source_key", "product_id", "quantity") SELECT s.message_id, s.user_id, '
+        "s.anonymous_id, s.event_name, s.event_timestamp, s.sent_at, s.received_at, "
+        "JSON_PARSE(s.properties), JSON_PARSE(s.context), %(hour)s, s._source_key, "
+        's."product_id", s."quantity" FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY '
+        'message_id ORDER BY _source_key, _line) AS _copy FROM "_clickstream_staging") s '
+        f"WHERE s._copy = 1 AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.message_id = "
+        "s.message_id)",
+        'DELETE FROM "clickstream"."load_ledger" WHERE stream = %(stream)s AND hour = %(hour)s',
+        'INSERT INTO "clickstream"."load_ledger" (stream, hour, load_id, fingerprint, files, '
+        "records_read, rows_loaded, duplicates, quarantined, new_columns, run_id) VALUES "
+        "(%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, %(files)s, %(records_read)s, "
+        "%(rows_loaded)s, %(duplicates)s, %(quarantined)s, %(new_columns)s, %(run_id)s)",
+    ]
+    assert [p for _, p in engine.statements if p == params][:1] == [params]
+
+    # A late file without new properties: the same transaction, no DDL.
+    put_file(bucket, stream, H1, "late", [record("m2", H1, productId="X2")])
+    engine.statements.clear()
+    second = load(pipeline, redshift(pipeline, engine), stream, H1)
+    assert second.new_columns == [] and second.rows_loaded == 2
+    kinds = [statement.split(" ")[0] for statement, _ in engine.statements]
+    assert kinds == [
+        "CREATE",
+        "CREATE",
+        "SELECT",
+        "CREATE",
+        "CREATE",
+        "SELECT",
+        "LOCK",
+        "SELECT",
+        "CREATE",
+        "COPY",
+        "SELECT",
+        "DELETE",
+        "INSERT",
+        "DELETE",
+        "INSERT",
+    ]
+    assert not any("ALTER TABLE" in statement for statement, _ in engine.statements)
+
+
+def test_staged_parts_and_manifest(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records = [record(f"m{i:05d}", H1, note="x" * 400, rank=i) for i in range(12_000)]
+    put_file(bucket, stream, H1, "a", records[:6000])
+    put_file(bucket, stream, H1, "b", records[6000:])
+    warehouse = redshift(pipeline, engine, URL + "&parts=4&keep_staged=true")
+
+    outcome = load(pipeline, warehouse, stream, H1)
+
+    prefix = f"staged/{stream}/{H1:%Y-%m-%dT%H}/"
+    keys = list_keys(bucket, prefix)
+    manifest_key = next(k for k in keys if k.endswith("/manifest.json"))
+    entries = orjson.loads(s3_client().get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+    parts = sorted(k for k in keys if k.endswith(".json.gz"))
+    assert len(parts) == 4
+    assert [e["url"] for e in entries["entries"]] == [f"s3://{bucket}/{k}" for k in parts]
+    assert all(e["mandatory"] is True for e in entries["entries"])
+    assert sorted(keys) == sorted(
+        [*parts, manifest_key, manifest_key.replace("manifest", "jsonpaths")]
+    )
+    bodies = [s3_client().get_object(Bucket=bucket, Key=k)["Body"].read() for k in parts]
+    sizes = [len(b) for b in bodies]
+    assert [e["meta"]["content_length"] for e in entries["entries"]] == sizes
+    assert max(sizes) / min(sizes) < 1.05
+    staged_ids = sorted(
+        orjson.loads(line)["message_id"]
+        for body in bodies
+        for line in gzip.decompress(body).splitlines()
+    )
+    assert staged_ids == [f"m{i:05d}" for i in range(12_000)]
+    assert outcome.rows_loaded == 12_000
+    assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 12_000
+
+
+def test_dedup_ledger_and_staged_files_removed_after_commit(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1), record("m2", H1), record("m1", H1), b"{"])
+    put_file(bucket, stream, H2, "a", [record("m2", H2), record("m3", H2, isGift=True)])
+    warehouse = redshift(pipeline, engine)
+
+    first = load(pipeline, warehouse, stream, H1)
+    second = load(pipeline, warehouse, stream, H2)
+    again = load(pipeline, warehouse, stream, H2)
+
+    assert (first.rows_loaded, first.duplicates_in_partition, first.quarantined) == (2, 1, 1)
+    assert (second.rows_loaded, second.already_loaded) == (1, 1)
+    assert again.skipped
+    assert message_ids(url, stream) == {"m1": H1, "m2": H1, "m3": H2}
+    table = f'"{stream.customer}"."{stream.event}"'
+    assert query(
+        url, f"SELECT properties->>'isGift', is_gift FROM {table} WHERE message_id = 'm3'"
+    ) == [("true", True)]
+    assert query(
+        url,
+        'SELECT hour, rows_loaded, duplicates, quarantined FROM "clickstream"."load_ledger" '
+        "WHERE stream = %s ORDER BY hour",
+        (str(stream),),
+    ) == [(H1, 2, 1, 1), (H2, 1, 1, 0)]
+    assert list_keys(bucket, f"staged/{stream}/") == []
+
+
+def test_a_retry_after_a_disconnect_at_commit_never_loads_twice(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    put_file(
+        pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record(f"m{i}", H1) for i in range(50)]
+    )
+    engine.faults = Faults(disconnect_after_load_commit=1)
+    warehouse = redshift(pipeline, engine)
+
+    outcome = with_retries(lambda: load(pipeline, warehouse, stream, H1), base_delay=0.01)
+
+    assert outcome.skipped  # the second attempt found its load in the ledger
+    assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 50
+    assert query(
+        pipeline["CLICKSTREAM_WAREHOUSE_URL"],
+        'SELECT count(*) FROM "clickstream"."load_ledger" WHERE stream = %s',
+        (str(stream),),
+    ) == [(1,)]
+
+
+def test_a_failed_copy_reports_redshift_load_errors_and_loads_nothing(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+    engine.faults = Faults(copy_error="Invalid digit, Value 'x', Pos 0, Type: Long")
+
+    with pytest.raises(ClickstreamError) as raised:
+        load(pipeline, redshift(pipeline, engine), stream, H1)
+
+    assert str(raised.value) == (
+        f"COPY of {stream} {H1:%Y-%m-%d %H}:00 failed: Load into table '_clickstream_staging' "
+        "failed. Check 'sys_load_error_detail' system table for details. "
+        "(s3://bucket/staged/part-0000.json.gz line 3 column quantity: Invalid digit, Value 'x', "
+        "Pos 0, Type: Long)"
+    )
+    assert message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream) == {}
+    assert list_keys(pipeline["CLICKSTREAM_BUCKET"], f"staged/{stream}/") == []
+
+
+# --- a real cluster ---------------------------------------------------------------------------
+
+LIVE_URL = os.environ.get("CLICKSTREAM_TEST_REDSHIFT_URL")
+LIVE_BUCKET = os.environ.get("CLICKSTREAM_TEST_REDSHIFT_BUCKET")
+
+
+@pytest.mark.skipif(
+    not (LIVE_URL and LIVE_BUCKET),
+    reason="set CLICKSTREAM_TEST_REDSHIFT_URL (redshift://...?iam_role=...) and "
+    "CLICKSTREAM_TEST_REDSHIFT_BUCKET (an S3 bucket the role can read) to run against a cluster",
+)
+def test_live_cluster_loads_exactly_once(customer: str) -> None:
+    import boto3
+
+    assert LIVE_URL and LIVE_BUCKET
+    client = boto3.client("s3")
+    stream = Stream(customer, "live_check")
+    for name, lines in (("a", [record("m1", H1), record("m2", H1), record("m1", H1)]),):
+        body = gzip.compress(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        key = raw_key("raw", stream, H1, f"{name}.jsonl.gz")
+        client.put_object(Bucket=LIVE_BUCKET, Key=key, Body=body)
+    warehouse = RedshiftWarehouse(RedshiftConfig.from_url(LIVE_URL), client, LIVE_BUCKET)
+    store = RawStore(client, LIVE_BUCKET, "raw")
+    first = load_partition(store, warehouse, stream, H1)
+    again = load_partition(store, warehouse, stream, H1)
+    assert (first.rows_loaded, first.duplicates_in_partition, again.skipped) == (2, 1, True)
+    assert warehouse.row_counts([stream]) == {str(stream): 2}
