@@ -139,8 +139,9 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
         "fingerprint VARCHAR(64) NOT NULL, files VARCHAR(65535) NOT NULL, "
         "records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, "
-        "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY "
-        "(stream, hour)) DISTSTYLE ALL SORTKEY (stream, hour)",
+        "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
+        "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY (stream, hour)) "
+        "DISTSTYLE ALL SORTKEY (stream, hour)",
     ]
     assert sent[2:] == [
         ledger_check,
