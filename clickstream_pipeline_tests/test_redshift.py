@@ -343,3 +343,23 @@ def test_live_cluster_loads_exactly_once(customer: str) -> None:
     again = load_partition(store, warehouse, stream, H1)
     assert (first.rows_loaded, first.duplicates_in_partition, again.skipped) == (2, 1, True)
     assert warehouse.row_counts([stream]) == {str(stream): 2}
+
+
+def test_iam_credentials_come_from_get_cluster_credentials(local_stack: dict[str, str]) -> None:
+    """The IAM path against the local AWS API server (moto serves Redshift's control plane)."""
+    import boto3
+
+    from clickstream_pipeline.warehouse.redshift import iam_credentials
+
+    boto3.client("redshift").create_cluster(
+        ClusterIdentifier="analytics",
+        NodeType="ra3.xlplus",
+        MasterUsername="admin",
+        MasterUserPassword="Passw0rd!",
+        DBName="dev",
+    )
+    config = RedshiftConfig.from_url(
+        f"redshift://loader@host/dev?cluster_id=analytics&iam_role={ROLE}"
+    )
+    user, password = iam_credentials(config)
+    assert user == "IAM:loader" and len(password) >= 16
