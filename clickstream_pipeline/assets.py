@@ -41,7 +41,7 @@ def raw_events(context: dg.AssetExecutionContext, s3: S3StorageResource) -> dg.M
     deps=[raw_events],
     group_name=GROUP,
     retry_policy=STEP_RETRY,
-    kinds={"postgres"},
+    kinds={"postgres", "redshift"},
     check_specs=[dg.AssetCheckSpec(QUARANTINE_CHECK, asset=warehouse_events_key)],
 )
 def warehouse_events(

@@ -110,7 +110,8 @@ def load_partition(
     load = PartitionLoad(stream, hour, files, fingerprint(files), run_id)
     outcome = LoadOutcome(stream, hour, files, load.fingerprint)
     stats = ReadStats()
-    result = warehouse.load_partition(load, _valid_records(store, load, stats, outcome), stats)
+    records = _valid_records(store, warehouse, load, stats, outcome)
+    result = warehouse.load_partition(load, records, stats)
     outcome.skipped = result.skipped
     if not result.skipped:
         outcome.records_read = stats.records_read
@@ -125,9 +126,14 @@ def load_partition(
 
 
 def _valid_records(
-    store: RawStore, load: PartitionLoad, stats: ReadStats, outcome: LoadOutcome
+    store: RawStore,
+    warehouse: Warehouse,
+    load: PartitionLoad,
+    stats: ReadStats,
+    outcome: LoadOutcome,
 ) -> Iterator[tuple[str, ValidRecord]]:
-    """Stream every file of the partition, yielding good records and quarantining bad ones."""
+    """Stream every file of the partition, yielding good records and quarantining bad ones
+    (invalid, or valid but beyond what the warehouse can store)."""
     for source in load.files:
         # IfMatch: a file rewritten since it was listed fails the load (and its retry re-lists)
         # instead of loading content the ledger would not describe.
@@ -135,6 +141,10 @@ def _valid_records(
         with tempfile.SpooledTemporaryFile(_QUARANTINE_SPOOL_BYTES) as spool:
             bad = 0
             for record in read_records(body["Body"], source.compressed, stats):
+                if not isinstance(record, BadRecord):
+                    reason = warehouse.rejection(record)
+                    if reason is not None:
+                        record = BadRecord(record.line, reason, record.raw)
                 if isinstance(record, BadRecord):
                     spool.write(quarantine_line(source.key, record) + b"\n")
                     bad += 1

@@ -8,6 +8,7 @@ import os
 from datetime import datetime
 
 import orjson
+import psycopg2
 import pytest
 
 from clickstream_pipeline.errors import ClickstreamError
@@ -35,10 +36,25 @@ def stream(customer: str) -> Stream:
     return Stream(customer, "add_to_cart")
 
 
+@pytest.fixture(scope="session")
+def redshift_db(local_stack: dict[str, str]) -> str:
+    """A database of its own on the embedded server: Redshift's ledger differs from PostgreSQL's."""
+    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS redshift_emulation WITH (FORCE)")
+        cur.execute("CREATE DATABASE redshift_emulation")
+    conn.close()
+    emulation = url.replace("/clickstream?", "/redshift_emulation?")
+    install_shims(emulation)
+    return emulation
+
+
 @pytest.fixture
-def engine(pipeline: dict[str, str]) -> RedshiftOnPostgres:
-    install_shims(pipeline["CLICKSTREAM_WAREHOUSE_URL"])
-    return RedshiftOnPostgres(pipeline["CLICKSTREAM_WAREHOUSE_URL"])
+def engine(pipeline: dict[str, str], redshift_db: str) -> RedshiftOnPostgres:
+    pipeline["CLICKSTREAM_WAREHOUSE_URL"] = redshift_db
+    return RedshiftOnPostgres(redshift_db)
 
 
 def redshift(
@@ -363,3 +379,23 @@ def test_iam_credentials_come_from_get_cluster_credentials(local_stack: dict[str
     )
     user, password = iam_credentials(config)
     assert user == "IAM:loader" and len(password) >= 16
+
+
+def test_properties_beyond_the_varchar_limit_are_quarantined(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    big = record("big", H1, blob="x" * 70_000)
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), big])
+
+    outcome = load(pipeline, redshift(pipeline, engine), stream, H1)
+
+    assert (outcome.rows_loaded, outcome.quarantined) == (1, 1)
+    [key] = outcome.quarantine_keys
+    body = s3_client().get_object(Bucket=pipeline["CLICKSTREAM_BUCKET"], Key=key)["Body"].read()
+    entry = orjson.loads(body)
+    assert (entry["line"], entry["error"]) == (
+        2,
+        "properties larger than 65535 bytes, the most Redshift can stage as VARCHAR before "
+        "JSON_PARSE",
+    )
+    assert orjson.loads(entry["raw"])["messageId"] == "big"

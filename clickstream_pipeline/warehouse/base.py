@@ -122,6 +122,10 @@ class Warehouse(Protocol):
         """Rows per stream table (0 for tables that do not exist)."""
         ...
 
+    def rejection(self, record: ValidRecord) -> str | None:
+        """Why this warehouse cannot store a valid record (it is quarantined), or None."""
+        ...
+
 
 def snake_case(name: str) -> str:
     """``productId`` -> ``product_id``; ``HTTPStatus`` -> ``http_status``; ``a b`` -> ``a_b``."""

@@ -303,6 +303,9 @@ class PostgresWarehouse:
             ),
         )
 
+    def rejection(self, record: ValidRecord) -> str | None:
+        return None  # validation already excludes what PostgreSQL cannot store (\u0000)
+
     def row_counts(self, streams: Iterable[Stream]) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self.connection() as conn, conn.cursor() as cur:

@@ -468,6 +468,19 @@ class RedshiftWarehouse:
                 rows = cur.fetchall()
         return {(row[0], row[1]): LedgerEntry(*row) for row in rows}
 
+    def rejection(self, record: ValidRecord) -> str | None:
+        if len(record.raw) <= MAX_VARCHAR_BYTES:
+            return None  # no part of the record can be larger than the record
+        document = parse_json(record.raw)
+        for name in ("properties", "context"):
+            value = document.get(name)
+            if isinstance(value, dict) and len(orjson.dumps(value)) > MAX_VARCHAR_BYTES:
+                return (
+                    f"{name} larger than {MAX_VARCHAR_BYTES} bytes, the most Redshift can stage "
+                    "as VARCHAR before JSON_PARSE"
+                )
+        return None
+
     def row_counts(self, streams: Iterable[Stream]) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self.connection() as conn, conn.cursor() as cur:
