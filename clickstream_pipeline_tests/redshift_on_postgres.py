@@ -32,6 +32,7 @@ CREATE OR REPLACE FUNCTION json_parse(text) RETURNS jsonb LANGUAGE sql IMMUTABLE
 CREATE TABLE IF NOT EXISTS sys_load_error_detail (
     query_id bigint, file_name text, line_number bigint, column_name text, error_message text);
 CREATE SEQUENCE IF NOT EXISTS redshift_copy_ids;
+CREATE OR REPLACE VIEW stv_slices AS SELECT generate_series(0, 3) AS slice;  -- a 4-slice cluster
 CREATE OR REPLACE FUNCTION pg_last_copy_id() RETURNS bigint LANGUAGE sql
     AS $$ SELECT coalesce(nullif(current_setting('redshift.last_copy_id', true), ''),
                           '0')::bigint $$;

@@ -17,7 +17,7 @@ from clickstream_pipeline.loader import LoadOutcome, RawStore, load_partition, w
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
-from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse
+from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse, part_count
 from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import message_ids, put_file, query, recent_hour, record
 from clickstream_pipeline_tests.redshift_on_postgres import (
@@ -73,6 +73,16 @@ def load(
 
 
 # --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("staged_mb", "slices", "parts"),
+    [(0.1, 4, 1), (2.5, 4, 3), (40, 4, 4), (40, 16, 16), (5000, 4, 8), (3000, 2, 4), (1, 1, 1)],
+)
+def test_part_count_follows_slices_and_the_size_limits(
+    staged_mb: float, slices: int, parts: int
+) -> None:
+    assert part_count(int(staged_mb * 1024 * 1024), slices) == parts
 
 
 def test_url_with_password_and_role() -> None:
@@ -168,6 +178,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "context SUPER, _hour TIMESTAMPTZ NOT NULL, _source_key VARCHAR(1024) NOT NULL, "
         "_loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE()) DISTKEY (message_id) SORTKEY "
         "(received_at)",
+        "SELECT COUNT(*) FROM stv_slices",
         "SELECT column_name, data_type FROM information_schema.columns "
         "WHERE table_schema = %s AND table_name = %s",
         f'ALTER TABLE {table} ADD COLUMN "product_id" VARCHAR(65535)',
@@ -215,6 +226,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "CREATE",
         "CREATE",
         "SELECT",
+        "SELECT",
         "LOCK",
         "SELECT",
         "CREATE",
@@ -235,7 +247,8 @@ def test_staged_parts_and_manifest(
     records = [record(f"m{i:05d}", H1, note="x" * 400, rank=i) for i in range(12_000)]
     put_file(bucket, stream, H1, "a", records[:6000])
     put_file(bucket, stream, H1, "b", records[6000:])
-    warehouse = redshift(pipeline, engine, URL + "&parts=4&keep_staged=true")
+    # No parts= in the URL: one part per slice of the (emulated, 4-slice) cluster.
+    warehouse = redshift(pipeline, engine, URL + "&keep_staged=true")
 
     outcome = load(pipeline, warehouse, stream, H1)
 

@@ -57,7 +57,10 @@ LEDGER = '"clickstream"."load_ledger"'
 STAGING = '"_clickstream_staging"'
 # Redshift's VARCHAR limit: properties or context larger than this cannot be staged as text.
 MAX_VARCHAR_BYTES = 65535
+# Redshift's advice for COPY: files of 1 MB to 1 GB (compressed), a multiple of the slices.
 MIN_PART_BYTES = 1024 * 1024
+MAX_PART_BYTES = 1024 * 1024 * 1024
+SLICES_SQL = "SELECT COUNT(*) FROM stv_slices"
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
 _IAM_ROLE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
 
@@ -126,8 +129,8 @@ class RedshiftConfig:
 
     Without a password, temporary credentials come from IAM: ``cluster_id=`` (provisioned,
     ``redshift:GetClusterCredentials``) or ``workgroup=`` (Serverless, ``GetCredentials``).
-    ``parts=`` sets the number of staged parts (default 4: use a multiple of the cluster's
-    slices); ``keep_staged=true`` keeps staged files after a committed load.
+    ``parts=`` sets the number of staged parts (default: the cluster's slice count, so every
+    slice loads one part); ``keep_staged=true`` keeps staged files after a committed load.
     """
 
     host: str
@@ -139,7 +142,7 @@ class RedshiftConfig:
     cluster_id: str | None = None
     workgroup: str | None = None
     region: str | None = None
-    parts: int = 4
+    parts: int | None = None  # None: one part per slice of the cluster
     keep_staged: bool = False
     sslmode: str = "require"
 
@@ -166,11 +169,11 @@ class RedshiftConfig:
                 "credentials"
             )
         try:
-            part_count = int(query.get("parts", "4"))
+            part_count = int(query["parts"]) if "parts" in query else None
             port = parts.port or 5439
         except ValueError:
             raise ClickstreamError("invalid Redshift URL: port and parts must be numbers") from None
-        if not 1 <= part_count <= 1024:
+        if part_count is not None and not 1 <= part_count <= 1024:
             raise ClickstreamError("invalid Redshift URL: parts must be between 1 and 1024")
         return cls(
             host=parts.hostname,
@@ -341,6 +344,17 @@ class StagedLoad:
     jsonpaths_key: str
 
 
+def part_count(staged_bytes: int, slices: int) -> int:
+    """How many parts to stage: one per slice when parts would be >= 1 MB; more when parts
+    would exceed 1 GB (sizes are of uncompressed data, an upper bound of the gzip parts)."""
+    wanted = min(slices, math.ceil(staged_bytes / MIN_PART_BYTES))
+    over_limit = math.ceil(staged_bytes / MAX_PART_BYTES)
+    if over_limit > wanted:
+        # Keep a multiple of the slice count so every slice gets the same share.
+        wanted = math.ceil(over_limit / slices) * slices
+    return max(1, wanted)
+
+
 def staged_prefix(stream: Stream, hour: datetime, load_id: str) -> str:
     return f"staged/{stream.key}/{hour:%Y-%m-%dT%H}/{load_id}/"
 
@@ -421,6 +435,7 @@ class RedshiftWarehouse:
         self.bucket = bucket
         self._connect = connect
         self._ready: set[str] = set()
+        self._slices = 1
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
@@ -512,6 +527,12 @@ class RedshiftWarehouse:
                 conn.rollback()
                 return LoadResult(skipped=True)
             self._ddl(conn, f"table:{stream}", create_table_sql(stream))
+            if self.config.parts is None and "slices" not in self._ready:
+                with conn.cursor() as cur:
+                    cur.execute(SLICES_SQL)
+                    row = cur.fetchone()
+                self._slices = max(1, int(row[0])) if row else 1
+                self._ready.add("slices")
             with tempfile.TemporaryFile() as spool:
                 _spool(records, spool)
                 columns, new_columns = self._ensure_columns(conn, stream, stats)
@@ -570,7 +591,7 @@ class RedshiftWarehouse:
         load_id = f"{load.fingerprint[:16]}-{uuid.uuid4().hex[:8]}"
         prefix = staged_prefix(load.stream, load.hour, load_id)
         size = spool.seek(0, 2)
-        count = max(1, min(self.config.parts, math.ceil(size / MIN_PART_BYTES)))
+        count = part_count(size, self.config.parts or self._slices)
         spool.seek(0)
         files = [tempfile.TemporaryFile() for _ in range(count)]
         try:
