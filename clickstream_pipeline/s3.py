@@ -10,6 +10,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.metrics import count_s3_request
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -30,7 +31,9 @@ def s3_client(endpoint_url: str | None = None) -> S3Client:
         connect_timeout=10,
         read_timeout=60,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+    client.meta.events.register("before-send.s3", count_s3_request)
+    return client
 
 
 def ensure_bucket(client: S3Client, bucket: str) -> None:

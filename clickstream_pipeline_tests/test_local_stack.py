@@ -48,3 +48,16 @@ def test_stack_restarts_on_the_same_data(tmp_path: Path) -> None:
             cur.execute("SELECT n FROM kept")
             assert cur.fetchall() == [(42,)]
         conn.close()
+
+
+def test_s3_requests_are_counted_by_operation(local_stack: dict[str, str], bucket: str) -> None:
+    from clickstream_pipeline.metrics import s3_requests
+
+    before = s3_requests()
+    client = s3_client()
+    client.put_object(Bucket=bucket, Key="raw/x.jsonl", Body=b"{}\n")
+    client.list_objects_v2(Bucket=bucket, Prefix="raw/")
+    client.list_objects_v2(Bucket=bucket, Prefix="raw/")
+    after = s3_requests()
+    assert after.get("PutObject", 0) - before.get("PutObject", 0) == 1
+    assert after.get("ListObjectsV2", 0) - before.get("ListObjectsV2", 0) == 2
