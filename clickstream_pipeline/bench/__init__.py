@@ -1,0 +1,1 @@
+"""``clickstream bench``: data-plane, orchestration, scale and skew measurements, side by side."""
