@@ -1,0 +1,196 @@
+"""Orchestration: an hour of many small partitions, from files in S3 to rows loaded, through
+``clickstream load`` and through the daemon (sensors + run queue); and skew: one customer with
+far more events than the others in the same hour, per-partition latency."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg2
+
+from clickstream_pipeline.bench.common import run_measured, stack_process
+from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
+from clickstream_pipeline.layout import hour_floor
+from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline.s3 import s3_client
+
+# The daemon's instance: a run queue sized for two cores, runs as subprocesses.
+DAEMON_DAGSTER_YAML = """\
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 2
+telemetry:
+  enabled: false
+"""
+
+
+def _machine_cpu() -> float:
+    times = psutil.cpu_times()
+    return float(times.user + times.system + getattr(times, "nice", 0.0))
+
+
+def _ledger_count(url: str, hour: datetime) -> int:
+    with psycopg2.connect(url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('clickstream.load_ledger')")
+        row = cur.fetchone()
+        if row is None or row[0] is None:
+            return 0
+        cur.execute("SELECT count(*) FROM clickstream.load_ledger WHERE hour = %s", (hour,))
+        counted = cur.fetchone()
+    conn.close()
+    return int(counted[0]) if counted else 0
+
+
+def _write_hour(env: dict[str, str], spec: GeneratorSpec, registry: Path) -> int:
+    YamlFileRegistry(registry).save(Registry().with_streams(spec.streams))
+    report = write_files(
+        s3_client(),
+        env["CLICKSTREAM_BUCKET"],
+        generate_files(spec, "raw", spec.start or datetime.now(UTC)),
+    )
+    return report.files
+
+
+def run(
+    customers: int = 100, events: int = 20, per_partition: int = 100, daemon: bool = True
+) -> dict[str, Any]:
+    partitions = customers * events
+    results: dict[str, Any] = {"partitions": partitions, "events_per_partition": per_partition}
+    base = hour_floor(datetime.now(UTC)) - timedelta(days=1)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root, stack_process(Path(root) / "stack") as env:
+        os.environ.update(env)
+        registry = Path(root) / "registry.yaml"
+        env = {**env, "CLICKSTREAM_REGISTRY": str(registry)}
+        url = env["CLICKSTREAM_WAREHOUSE_URL"]
+
+        hour = base
+        spec = GeneratorSpec(
+            customers=customers,
+            events=events,
+            hours=1,
+            events_per_file=per_partition,
+            files_per_hour=1,
+            start=hour,
+            seed=1,
+        )
+        _write_hour(env, spec, registry)
+        cpu = _machine_cpu()
+        measured = run_measured(
+            ["clickstream_pipeline.cli", "load", "--grace-minutes", "0"],
+            {**env, "DAGSTER_HOME": tempfile.mkdtemp(dir=root)},
+        )
+        loaded = _ledger_count(url, hour)
+        results["clickstream_load"] = {
+            "partitions_loaded": loaded,
+            "wall_seconds": round(measured.wall_seconds, 1),
+            "process_cpu_seconds": round(measured.cpu_seconds, 1),
+            "machine_cpu_seconds": round(_machine_cpu() - cpu, 1),
+            "partitions_per_minute": round(loaded / measured.wall_seconds * 60),
+            "peak_rss_mb": round(measured.peak_rss_mb, 1),
+        }
+        if daemon:
+            hour = base + timedelta(hours=1)
+            spec = GeneratorSpec(
+                customers=customers,
+                events=events,
+                hours=1,
+                events_per_file=per_partition,
+                files_per_hour=1,
+                start=hour,
+                seed=2,
+            )
+            _write_hour(env, spec, registry)
+            results["daemon"] = _through_daemon(env, root, url, hour, partitions)
+    return results
+
+
+def _through_daemon(
+    env: dict[str, str], root: str, url: str, hour: datetime, partitions: int, timeout: float = 900
+) -> dict[str, Any]:
+    """Start dagster-daemon (sensors, run queue) and time it until every partition is loaded."""
+    home = Path(tempfile.mkdtemp(dir=root))
+    (home / "dagster.yaml").write_text(DAEMON_DAGSTER_YAML)
+    daemon = Path(sys.executable).parent / "dagster-daemon"
+    cpu = _machine_cpu()
+    began = time.perf_counter()
+    process = subprocess.Popen(
+        [str(daemon), "run", "-m", "clickstream_pipeline.definitions"],
+        env={**os.environ, **env, "DAGSTER_HOME": str(home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    loaded = 0
+    try:
+        while time.perf_counter() - began < timeout:
+            loaded = _ledger_count(url, hour)
+            if loaded >= partitions:
+                break
+            time.sleep(1)
+        wall = time.perf_counter() - began
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(60)
+    return {
+        "partitions_loaded": loaded,
+        "wall_seconds": round(wall, 1),
+        "machine_cpu_seconds": round(_machine_cpu() - cpu, 1),
+        "partitions_per_minute": round(loaded / wall * 60),
+        "note": "includes daemon start-up and the first sensor ticks",
+    }
+
+
+def run_skew(customers: int = 20, light: int = 1000, factor: int = 100) -> dict[str, Any]:
+    """One customer with ``factor`` x the events of the others, same hour, one batch run."""
+    import dagster as dg
+
+    hour = hour_floor(datetime.now(UTC)) - timedelta(days=1)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root, stack_process(Path(root) / "stack") as env:
+        os.environ.update(env)
+        registry = Path(root) / "registry.yaml"
+        home = tempfile.mkdtemp(dir=root)
+        env = {**env, "CLICKSTREAM_REGISTRY": str(registry), "DAGSTER_HOME": home}
+        spec = GeneratorSpec(
+            customers=customers,
+            events=1,
+            hours=1,
+            events_per_file=light,
+            files_per_hour=1,
+            skew=factor,
+            heavy_customers=1,
+            start=hour,
+            seed=3,
+        )
+        _write_hour(env, spec, registry)
+        measured = run_measured(["clickstream_pipeline.cli", "load", "--grace-minutes", "0"], env)
+        with dg.DagsterInstance.from_config(home) as instance:
+            [run_record] = instance.get_run_records()
+            start = run_record.start_time or 0.0
+            events = instance.fetch_materializations(dg.AssetKey("warehouse_events"), limit=10_000)
+            latency = {
+                str(record.partition_key).split("|")[1]: record.timestamp - start
+                for record in events.records
+            }
+    heavy = f"{spec.streams[0]}"
+    others = sorted(v for k, v in latency.items() if k != heavy)
+    return {
+        "partitions": len(latency),
+        "light_events": light,
+        "heavy_events": light * factor,
+        "heavy_latency_seconds": round(latency[heavy], 2),
+        "light_latency_p50_seconds": round(statistics.median(others), 2),
+        "light_latency_p99_seconds": round(others[max(0, int(len(others) * 0.99) - 1)], 2),
+        "light_latency_max_seconds": round(others[-1], 2),
+        "wall_seconds": round(measured.wall_seconds, 1),
+    }
