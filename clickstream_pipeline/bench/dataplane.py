@@ -35,7 +35,10 @@ def run(sizes: list[int], peers: bool = True) -> dict[str, Any]:
     """Measure every loader; this project at each size, the peers at the largest."""
     results: dict[str, Any] = {"files_per_partition": FILES, "sizes": {}}
     first_hour = hour_floor(datetime.now(UTC)) - timedelta(days=2)
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root, stack_process(Path(root) / "stack") as env:
+    with (
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
+        stack_process(Path(root) / "stack") as env,
+    ):
         os.environ.update(env)
         for index, events in enumerate(sizes):
             hour = first_hour + timedelta(hours=index)

@@ -68,7 +68,10 @@ def run(
     partitions = customers * events
     results: dict[str, Any] = {"partitions": partitions, "events_per_partition": per_partition}
     base = hour_floor(datetime.now(UTC)) - timedelta(days=1)
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root, stack_process(Path(root) / "stack") as env:
+    with (
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
+        stack_process(Path(root) / "stack") as env,
+    ):
         os.environ.update(env)
         registry = Path(root) / "registry.yaml"
         env = {**env, "CLICKSTREAM_REGISTRY": str(registry)}
@@ -156,7 +159,10 @@ def run_skew(customers: int = 20, light: int = 1000, factor: int = 100) -> dict[
     import dagster as dg
 
     hour = hour_floor(datetime.now(UTC)) - timedelta(days=1)
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root, stack_process(Path(root) / "stack") as env:
+    with (
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
+        stack_process(Path(root) / "stack") as env,
+    ):
         os.environ.update(env)
         registry = Path(root) / "registry.yaml"
         home = tempfile.mkdtemp(dir=root)

@@ -1,0 +1,262 @@
+"""Scale: 2,000 streams with history — definitions load, a registry-sync tick, discovery ticks
+with 2,000 new files (and the S3 requests they send), the UI's partition-status queries, and a
+one-day backfill of every stream submitted through the GraphQL API."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from clickstream_pipeline.bench.common import run_measured, stack_process
+from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
+from clickstream_pipeline.layout import hour_floor, hour_key
+from clickstream_pipeline.metrics import s3_requests
+from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline.s3 import s3_client
+
+MODULE = "clickstream_pipeline.bench.scale"
+T = TypeVar("T")
+
+STATS_QUERY = """query Q($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
+  partitionStats { numMaterialized numPartitions numFailed numMaterializing } } } }"""
+HEALTH_QUERY = """query Q($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
+  id partitionKeysByDimension { name type partitionKeys }
+  assetPartitionStatuses { ... on MultiPartitionStatuses { primaryDimensionName ranges {
+    primaryDimStartKey primaryDimEndKey secondaryDim {
+      ... on DefaultPartitionStatuses { materializedPartitions failedPartitions }
+      ... on TimePartitionStatuses { ranges { status startKey endKey } } } } } } } } }"""
+BACKFILL_MUTATION = """mutation B($p: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $p) { __typename
+    ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+
+
+def _timed(action: Callable[[], T]) -> tuple[T, float]:
+    began = time.perf_counter()
+    value = action()
+    return value, round(time.perf_counter() - began, 3)
+
+
+def _requests(before: dict[str, int]) -> dict[str, int]:
+    after = s3_requests()
+    return {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
+
+
+def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dict[str, Any]:
+    import dagster as dg
+
+    from clickstream_pipeline.resources import (
+        RegistryResource,
+        S3StorageResource,
+        WarehouseResource,
+    )
+    from clickstream_pipeline.sensors import (
+        DiscoveryResource,
+        registry_sync_sensor,
+        s3_discovery_sensor,
+    )
+
+    streams = customers * events
+    results: dict[str, Any] = {"streams": streams}
+    new_hour = hour_floor(datetime.now(UTC)) - timedelta(hours=2)
+    with (
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
+        stack_process(Path(root) / "stack") as env,
+    ):
+        os.environ.update(env)
+        home = Path(tempfile.mkdtemp(dir=root))
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        os.environ["DAGSTER_HOME"] = str(home)
+        registry = Path(root) / "registry.yaml"
+        os.environ["CLICKSTREAM_REGISTRY"] = str(registry)
+        spec = GeneratorSpec(
+            customers=customers,
+            events=events,
+            hours=1,
+            events_per_file=5,
+            files_per_hour=1,
+            start=new_hour,
+        )
+        YamlFileRegistry(registry).save(Registry().with_streams(spec.streams))
+        client, bucket = s3_client(), env["CLICKSTREAM_BUCKET"]
+        write_files(client, bucket, generate_files(spec, "raw", new_hour))
+        old = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=3)})
+        write_files(client, bucket, generate_files(old, "raw", new_hour))
+
+        defs_load = run_measured([MODULE, "defs"], {})
+        results["definitions_load_seconds"] = defs_load.result["seconds"]
+
+        resources = {
+            "s3": S3StorageResource(),
+            "warehouse": WarehouseResource(),
+            "registry": RegistryResource(),
+            "discovery": DiscoveryResource(grace_minutes=0),
+        }
+        with dg.DagsterInstance.get() as instance:
+            context = dg.build_sensor_context(instance=instance, resources=resources)
+
+            def sync() -> None:
+                result = registry_sync_sensor(context)
+                assert isinstance(result, dg.SensorResult)
+                for request in result.dynamic_partitions_requests or []:
+                    assert isinstance(request, dg.AddDynamicPartitionsRequest)
+                    instance.add_dynamic_partitions("stream", list(request.partition_keys))
+
+            _, results["registry_sync_tick_seconds"] = _timed(sync)
+
+            def tick(cursor: str | None) -> dg.SensorResult:
+                result = s3_discovery_sensor(
+                    dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+                )
+                assert isinstance(result, dg.SensorResult)
+                return result
+
+            before = s3_requests()
+            first, seconds = _timed(lambda: tick(None))
+            results["discovery_first_tick"] = {
+                "seconds": seconds,
+                "s3_requests": _requests(before),
+                "partitions_requested": sum(
+                    len(r.run_config["ops"]["load_partitions"]["config"]["partitions"])
+                    for r in first.run_requests or []
+                ),
+                "bucket_files": 2 * streams,
+                "note": "streams seen for the first time are listed in full",
+            }
+            # Steady state: every stream known, 2,000 new files in the lookback window and the
+            # older history outside it; then with twice the old history.
+            steady_cursor = json.dumps(
+                {"scanned": sorted(s.key for s in spec.streams), "requested": {}}
+            )
+            before = s3_requests()
+            steady, seconds = _timed(lambda: tick(steady_cursor))
+            results["discovery_steady_tick"] = {
+                "seconds": seconds,
+                "s3_requests": _requests(before),
+                "new_files": streams,
+                "bucket_files": 2 * streams,
+                "runs_requested": len(steady.run_requests or []),
+            }
+            older = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=4)})
+            write_files(client, bucket, generate_files(older, "raw", new_hour))
+            before = s3_requests()
+            _, seconds = _timed(lambda: tick(steady_cursor))
+            results["discovery_steady_tick_bigger_bucket"] = {
+                "seconds": seconds,
+                "s3_requests": _requests(before),
+                "new_files": streams,
+                "bucket_files": 3 * streams,
+            }
+
+            def report() -> None:
+                for stream in spec.streams:
+                    instance.report_runless_asset_event(
+                        dg.AssetMaterialization(
+                            "warehouse_events", partition=f"{hour_key(new_hour)}|{stream}"
+                        )
+                    )
+
+            _, seconds = _timed(report)
+            results["materializations_reported"] = {
+                "count": streams,
+                "seconds": seconds,
+                "per_second": round(streams / seconds),
+            }
+        results["graphql"] = run_measured([MODULE, "graphql", str(home)], {}).result
+        hours = [hour_key(new_hour - timedelta(hours=h)) for h in range(backfill_hours)]
+        keys_file = Path(root) / "backfill.json"
+        keys_file.write_text(json.dumps([f"{h}|{s}" for h in hours for s in spec.streams]))
+        try:
+            results["backfill_submit"] = run_measured(
+                [MODULE, "backfill", str(home), str(keys_file)], {}, timeout=300
+            ).result
+        except (RuntimeError, TimeoutError) as error:
+            results["backfill_submit"] = {"partitions": len(hours) * streams, "failed": str(error)}
+    return results
+
+
+# --- child processes ------------------------------------------------------------------------
+
+
+def child_defs() -> dict[str, Any]:
+    began = time.perf_counter()
+    from clickstream_pipeline.definitions import defs
+
+    defs.get_repository_def()
+    defs.resolve_asset_graph()
+    return {"seconds": round(time.perf_counter() - began, 3)}
+
+
+def _graphql(home: str) -> Any:
+    from dagster_graphql.test.utils import define_out_of_process_context
+
+    import clickstream_pipeline.definitions as module
+
+    os.environ["DAGSTER_HOME"] = home
+    import dagster as dg
+
+    return define_out_of_process_context(
+        str(Path(module.__file__)), "defs", dg.DagsterInstance.get()
+    )
+
+
+def child_graphql(home: str) -> dict[str, Any]:
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    timings: dict[str, Any] = {}
+    with _graphql(home) as context:
+        for name, query in (("partition_stats", STATS_QUERY), ("partition_health", HEALTH_QUERY)):
+            for attempt in ("cold", "warm"):
+                request = context.process_context.create_request_context()
+                began = time.perf_counter()
+                response = execute_dagster_graphql(
+                    request, query, {"k": {"path": ["warehouse_events"]}}
+                )
+                timings[f"{name}_{attempt}_seconds"] = round(time.perf_counter() - began, 3)
+                assert response.errors is None, response.errors
+                node = response.data["assetNodeOrError"]
+                if "partitionStats" in node:
+                    timings["partition_stats"] = node["partitionStats"]
+    return timings
+
+
+def child_backfill(home: str, keys_file: str) -> dict[str, Any]:
+    """Submit a backfill of the listed partitions, with memory capped at 6 GB."""
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    cap = 6 * 1024**3
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    keys = json.loads(Path(keys_file).read_text())
+    with _graphql(home) as context:
+        request = context.process_context.create_request_context()
+        params = {"assetSelection": [{"path": ["warehouse_events"]}], "partitionNames": keys}
+        began = time.perf_counter()
+        response = execute_dagster_graphql(request, BACKFILL_MUTATION, {"p": params})
+        seconds = round(time.perf_counter() - began, 3)
+    outcome = response.data["launchPartitionBackfill"] if response.data else {}
+    return {
+        "partitions": len(keys),
+        "seconds": seconds,
+        "outcome": outcome.get("__typename"),
+        "message": (outcome.get("message") or "")[:200],
+    }
+
+
+def main(argv: list[str]) -> None:
+    commands: dict[str, Callable[..., dict[str, Any]]] = {
+        "defs": child_defs,
+        "graphql": child_graphql,
+        "backfill": child_backfill,
+    }
+    print(json.dumps(commands[argv[0]](*argv[1:])))  # noqa: T201 - the parent reads this line
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
