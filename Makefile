@@ -31,7 +31,10 @@ unit: install  ## the test suite alone
 
 test: lint unit  ## what CI runs
 
-bench: install  ## generation speed (events/s) into the local S3 server
+bench: install  ## clickstream bench: data plane, orchestration, skew, scale; writes docs/benchmarks.md
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/pip check
+	$(BIN)/clickstream bench
 	$(BIN)/python benchmarks/bench_generate.py
 
 clean:

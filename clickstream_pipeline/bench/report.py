@@ -1,0 +1,204 @@
+"""Turn benchmark results into goals met or missed, a Markdown page and a chart."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+LOADER_NAMES = {
+    "clickstream": "clickstream_pipeline (through Dagster)",
+    "copy_only": "COPY FROM STDIN of flattened rows (the limit)",
+    "naive_inserts": "psycopg2 execute_batch row inserts",
+    "dlt": "dlt (merge on messageId)",
+}
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(goal, target, measured, met) for every goal the results cover."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    data = results.get("dataplane")
+    if data:
+        sizes = data["sizes"]
+        largest = sizes[max(sizes, key=int)]
+        ours = largest["clickstream"]
+        if "copy_only" in largest:
+            ratio = ours["events_per_second"] / largest["copy_only"]["events_per_second"]
+            rows.append(("data plane vs COPY-only", ">= 0.5x", f"{ratio:.2f}x", ratio >= 0.5))
+        if "dlt" in largest:
+            ratio = ours["events_per_second"] / largest["dlt"]["events_per_second"]
+            rows.append(("data plane vs dlt", ">= 3x", f"{ratio:.1f}x", ratio >= 3))
+        peak = max(entry["clickstream"]["peak_rss_mb"] for entry in sizes.values())
+        rows.append(("peak RSS", "<= 500 MB", f"{peak:.0f} MB", peak <= 500))
+        if len(sizes) > 1:
+            low = sizes[min(sizes, key=int)]["clickstream"]["peak_rss_mb"]
+            growth = peak / low
+            rows.append(("RSS flat as N grows", "<= 1.25x", f"{growth:.2f}x", growth <= 1.25))
+    orchestration = results.get("orchestration")
+    if orchestration:
+        for path in ("clickstream_load", "daemon"):
+            if path in orchestration:
+                rate = orchestration[path]["partitions_per_minute"]
+                rows.append(
+                    (
+                        f"partitions/min, {path.replace('_', ' ')}",
+                        ">= 400",
+                        f"{rate:,}",
+                        rate >= 400,
+                    )
+                )
+    scale = results.get("scale")
+    if scale:
+        for label, value in (
+            ("definitions load", scale["definitions_load_seconds"]),
+            ("registry-sync tick", scale["registry_sync_tick_seconds"]),
+            ("discovery tick, new files", scale["discovery_steady_tick"]["seconds"]),
+            ("partition status query (cold)", scale["graphql"]["partition_health_cold_seconds"]),
+        ):
+            rows.append(
+                (f"{label}, {scale['streams']:,} streams", "<= 10 s", f"{value:.2f} s", value <= 10)
+            )
+        backfill = scale["backfill_submit"]
+        seconds = backfill.get("seconds")
+        met = (
+            seconds is not None
+            and seconds <= 10
+            and backfill.get("outcome") == "LaunchBackfillSuccess"
+        )
+        shown = f"{seconds:.1f} s" if seconds is not None else backfill.get("failed", "failed")[:60]
+        rows.append(
+            (f"backfill of {backfill['partitions']:,} partitions submitted", "<= 10 s", shown, met)
+        )
+        requests = [
+            scale[k]["s3_requests"].get("ListObjectsV2", 0)
+            for k in ("discovery_steady_tick", "discovery_steady_tick_bigger_bucket")
+        ]
+        rows.append(
+            ("S3 requests per tick independent of bucket size", "equal",
+             f"{requests[0]:,} / {requests[1]:,}", requests[0] == requests[1])
+        )  # fmt: skip
+    skew = results.get("skew")
+    if skew:
+        p99, heavy = skew["light_latency_p99_seconds"], skew["heavy_latency_seconds"]
+        rows.append(
+            ("skew: light partitions p99 latency below the heavy one", "< heavy",
+             f"{p99:.2f} s vs {heavy:.2f} s", p99 < heavy)
+        )  # fmt: skip
+    return rows
+
+
+def markdown(results: dict[str, Any], chart: str | None) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Produced by `clickstream bench` (`make bench`); the raw figures are in",
+        "`benchmarks/results.json`. Benchmarks are not tests: CI only runs `clickstream bench",
+        "--quick` to prove the command works.",
+        "",
+        f"Machine: {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"Python {platform.python_version()}, embedded PostgreSQL 16 (pgserver) and moto's S3 "
+        "server in its own process.",
+        "",
+        "## Goals",
+        "",
+        "| goal | target | measured | met |",
+        "|---|---|---|---|",
+    ]
+    for goal, target, measured, met in goals(results):
+        mark = "yes" if met else ("no" if met is False else "-")
+        lines.append(f"| {goal} | {target} | {measured} | {mark} |")
+    data = results.get("dataplane")
+    if data:
+        lines += [
+            "",
+            f"## Data plane: one (stream, hour) in {data['files_per_partition']} gzip files",
+            "",
+            "Each loader runs in its own process; events/s is over the load itself (process",
+            "start-up and imports excluded), peak RSS is the process's.",
+            "",
+        ]
+        if chart:
+            lines += [f"![events per second by loader]({chart})", ""]
+        lines += [
+            "| events | loader | events/s | seconds | peak RSS MB | CPU s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for events, entry in sorted(data["sizes"].items(), key=lambda item: int(item[0])):
+            for name, row in entry.items():
+                lines.append(
+                    f"| {int(events):,} | {LOADER_NAMES.get(name, name)} | "
+                    f"{row['events_per_second']:,} | {row['seconds']} | {row['peak_rss_mb']} | "
+                    f"{row['cpu_seconds']} |"
+                )
+    orchestration = results.get("orchestration")
+    if orchestration:
+        lines += [
+            "",
+            f"## Orchestration: {orchestration['partitions']:,} partitions of "
+            f"{orchestration['events_per_partition']} events, files to rows",
+            "",
+            "| path | partitions loaded | wall s | machine CPU s | partitions/min |",
+            "|---|---|---|---|---|",
+        ]
+        for path in ("clickstream_load", "daemon"):
+            if path in orchestration:
+                row = orchestration[path]
+                lines.append(
+                    f"| {path.replace('_', ' ')} | {row['partitions_loaded']:,} | "
+                    f"{row['wall_seconds']} | {row['machine_cpu_seconds']} | "
+                    f"{row['partitions_per_minute']:,} |"
+                )
+        lines += ["", "The daemon path includes the daemon's start-up and its first sensor ticks."]
+    skew = results.get("skew")
+    if skew:
+        lines += [
+            "",
+            f"## Skew: one customer with {skew['heavy_events']:,} events, "
+            f"{skew['partitions'] - 1} with {skew['light_events']:,}",
+            "",
+            "| | seconds from run start to loaded |",
+            "|---|---|",
+            f"| heavy partition | {skew['heavy_latency_seconds']} |",
+            f"| light partitions p50 | {skew['light_latency_p50_seconds']} |",
+            f"| light partitions p99 | {skew['light_latency_p99_seconds']} |",
+        ]
+    scale = results.get("scale")
+    if scale:
+        lines += ["", f"## Scale: {scale['streams']:,} streams", "", "```json"]
+        import json
+
+        lines += [json.dumps(scale, indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    """A bar chart of events/s by loader at the largest size; False without matplotlib."""
+    data = results.get("dataplane")
+    if not data:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = data["sizes"]
+    largest = sizes[max(sizes, key=int)]
+    names = list(largest)
+    rates = [largest[n]["events_per_second"] for n in names]
+    figure, axis = plt.subplots(figsize=(8, 3.6), dpi=120)
+    colours = ["#2563eb" if n == "clickstream" else "#9ca3af" for n in names]
+    bars = axis.barh([LOADER_NAMES.get(n, n) for n in names], rates, color=colours)
+    axis.bar_label(bars, labels=[f"{r:,}/s" for r in rates], padding=4, fontsize=9)
+    axis.invert_yaxis()
+    axis.set_xlabel("events per second (higher is better)")
+    axis.set_title(f"Loading one partition of {int(max(sizes, key=int)):,} events", fontsize=11)
+    axis.spines[["top", "right"]].set_visible(False)
+    axis.set_xlim(0, max(rates) * 1.25)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return True
