@@ -49,9 +49,26 @@ class Measured:
     peak_rss_mb: float
 
 
-def run_measured(args: list[str], env: dict[str, str], timeout: float = 3600) -> Measured:
-    """Run ``python -m <args>`` and measure it with wait4 (peak RSS, CPU of the process)."""
+def _peak_rss_mb(pid: int) -> float | None:
+    """The process's peak RSS since exec (VmHWM); ``ru_maxrss`` would include the parent's
+    memory at fork time."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(
+    args: list[str], env: dict[str, str], timeout: float = 3600, max_rss_mb: float | None = None
+) -> Measured:
+    """Run ``python -m <args>``: wall time, CPU (wait4) and peak RSS (VmHWM, polled until it
+    exits); killed when it runs past ``timeout`` or grows past ``max_rss_mb``."""
     began = time.perf_counter()
+    peak = 0.0
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         # Files, not pipes: a chatty child can never block on a full pipe while we wait.
         process = subprocess.Popen(
@@ -63,12 +80,18 @@ def run_measured(args: list[str], env: dict[str, str], timeout: float = 3600) ->
         )
         deadline = time.monotonic() + timeout
         while True:
+            peak = max(peak, _peak_rss_mb(process.pid) or 0.0)
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
                 process.kill()
-                raise TimeoutError(f"{args} took longer than {timeout} s")
+                os.wait4(process.pid, 0)
+                raise TimeoutError(f"did not finish within {timeout:.0f} s")
+            if max_rss_mb is not None and peak > max_rss_mb:
+                process.kill()
+                os.wait4(process.pid, 0)
+                raise MemoryError(f"grew past {max_rss_mb:,.0f} MB of memory")
             time.sleep(0.05)
         wall = time.perf_counter() - began
         out.seek(0)
@@ -81,5 +104,5 @@ def run_measured(args: list[str], env: dict[str, str], timeout: float = 3600) ->
         result=json.loads(lines[-1]) if lines else {},
         wall_seconds=wall,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=peak,
     )
