@@ -595,7 +595,14 @@ def bench(quick: bool, sizes: tuple[int, ...], only: tuple[str, ...], output: st
     from clickstream_pipeline.bench import dataplane, orchestration, report, scale
 
     parts = set(only) or {"dataplane", "orchestration", "skew", "scale"}
+    if output is None and quick:
+        output = tempfile.mkdtemp(prefix="clickstream-bench-")
+    base = Path(output) if output else None
+    json_path = (base or Path("benchmarks")) / "results.json"
     results: dict[str, object] = {"quick": quick}
+    if only and json_path.exists():
+        # Re-measure some parts and keep the others' last figures.
+        results = {**json.loads(json_path.read_text()), "quick": quick}
     steps = {
         "dataplane": lambda: dataplane.run(
             list(sizes) or ([20_000] if quick else [100_000, 1_000_000])
@@ -618,10 +625,6 @@ def bench(quick: bool, sizes: tuple[int, ...], only: tuple[str, ...], output: st
             began = time.perf_counter()
             results[name] = steps[name]()
             err.print(f"bench: {name} done in {time.perf_counter() - began:.0f} s")
-    if output is None and quick:
-        output = tempfile.mkdtemp(prefix="clickstream-bench-")
-    base = Path(output) if output else None
-    json_path = (base or Path("benchmarks")) / "results.json"
     docs = base or Path("docs")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)

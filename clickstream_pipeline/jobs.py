@@ -7,7 +7,7 @@ threads in one run and reports, per partition, the same materializations and che
 per partition.
 """
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import dagster as dg
 from pydantic import Field
@@ -58,8 +58,11 @@ def load_partitions(
         )
 
     with ThreadPoolExecutor(config.concurrency, thread_name_prefix="load") as pool:
-        futures = {key: pool.submit(load, key) for key in dict.fromkeys(config.partitions)}
-        for key, future in futures.items():
+        futures = {pool.submit(load, key): key for key in dict.fromkeys(config.partitions)}
+        # Report each partition as soon as it is loaded: a heavy partition must not hold back
+        # the materializations of the light ones loaded beside it.
+        for future in as_completed(futures):
+            key = futures[future]
             try:
                 outcome = future.result()
             except Exception as error:

@@ -198,6 +198,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
     sizes = data["sizes"]
@@ -209,6 +210,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     bars = axis.barh([LOADER_NAMES.get(n, n) for n in names], rates, color=colours)
     axis.bar_label(bars, labels=[f"{r:,}/s" for r in rates], padding=4, fontsize=9)
     axis.invert_yaxis()
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:,.0f}k"))
     axis.set_xlabel("events per second (higher is better)")
     axis.set_title(f"Loading one partition of {int(max(sizes, key=int)):,} events", fontsize=11)
     axis.spines[["top", "right"]].set_visible(False)
