@@ -9,5 +9,11 @@ class ClickstreamError(Exception):
     """
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ServiceUnavailable(ClickstreamError):
     """A service (the warehouse, S3) cannot be reached; worth retrying with backoff."""

@@ -21,6 +21,7 @@ from clickstream_pipeline.assets import (
     summary_line,
     warehouse_events_key,
 )
+from clickstream_pipeline.errors import first_line
 from clickstream_pipeline.loader import LoadOutcome, load_partition, with_retries
 from clickstream_pipeline.partitions import parse_partition_key
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
@@ -66,7 +67,7 @@ def load_partitions(
             try:
                 outcome = future.result()
             except Exception as error:
-                failures[key] = one_line(error)
+                failures[key] = f"{type(error).__name__}: {first_line(error)}"
                 context.log.error(f"{key} failed: {failures[key]}")
                 continue
             context.log.info(summary_line(outcome))
@@ -79,12 +80,6 @@ def load_partitions(
             metadata={"failed": dg.MetadataValue.json(failures)},
         )
     return dg.Output(loaded, metadata={"partitions": len(futures), "loaded": loaded})
-
-
-def one_line(error: BaseException) -> str:
-    """``Type: first line of the message`` for logs and run metadata."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _report(context: dg.OpExecutionContext, key: str, outcome: LoadOutcome) -> None:

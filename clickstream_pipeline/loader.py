@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import psycopg2
 from botocore.exceptions import BotoCoreError, ClientError
 
-from clickstream_pipeline.errors import ServiceUnavailable
+from clickstream_pipeline.errors import ServiceUnavailable, first_line
 from clickstream_pipeline.layout import hour_prefix, parse_raw_key, quarantine_key
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
@@ -190,7 +190,7 @@ def with_retries(
             delay = random.uniform(0, min(max_delay, base_delay * 2 ** (attempt - 1)))
             log.warning(
                 "%s failed (attempt %d of %d), retrying in %.1f s: %s",
-                describe or "step", attempt, attempts, delay, str(error).splitlines()[0],
+                describe or "step", attempt, attempts, delay, first_line(error),
             )  # fmt: skip
             time.sleep(delay)
     raise AssertionError("unreachable")

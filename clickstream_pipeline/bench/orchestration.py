@@ -62,6 +62,21 @@ def _write_hour(env: dict[str, str], spec: GeneratorSpec, registry: Path) -> int
     return report.files
 
 
+def _hour_spec(
+    customers: int, events: int, per_partition: int, hour: datetime, seed: int
+) -> GeneratorSpec:
+    """One hour with one file of ``per_partition`` events for every customer x event."""
+    return GeneratorSpec(
+        customers=customers,
+        events=events,
+        hours=1,
+        events_per_file=per_partition,
+        files_per_hour=1,
+        start=hour,
+        seed=seed,
+    )
+
+
 def run(
     customers: int = 100, events: int = 20, per_partition: int = 100, daemon: bool = True
 ) -> dict[str, Any]:
@@ -78,15 +93,7 @@ def run(
         url = env["CLICKSTREAM_WAREHOUSE_URL"]
 
         hour = base
-        spec = GeneratorSpec(
-            customers=customers,
-            events=events,
-            hours=1,
-            events_per_file=per_partition,
-            files_per_hour=1,
-            start=hour,
-            seed=1,
-        )
+        spec = _hour_spec(customers, events, per_partition, hour, seed=1)
         _write_hour(env, spec, registry)
         cpu = _machine_cpu()
         measured = run_measured(
@@ -104,15 +111,7 @@ def run(
         }
         if daemon:
             hour = base + timedelta(hours=1)
-            spec = GeneratorSpec(
-                customers=customers,
-                events=events,
-                hours=1,
-                events_per_file=per_partition,
-                files_per_hour=1,
-                start=hour,
-                seed=2,
-            )
+            spec = _hour_spec(customers, events, per_partition, hour, seed=2)
             _write_hour(env, spec, registry)
             results["daemon"] = _through_daemon(env, root, url, hour, partitions)
     return results

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
+import psycopg2
+
+from clickstream_pipeline.errors import ServiceUnavailable, first_line
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
     KIND_BOOLEAN,
@@ -125,6 +129,20 @@ class Warehouse(Protocol):
     def rejection(self, record: ValidRecord) -> str | None:
         """Why this warehouse cannot store a valid record (it is quarantined), or None."""
         ...
+
+
+@contextlib.contextmanager
+def open_connection(connect: Callable[[], Any]) -> Iterator[Any]:
+    """A DB-API connection, closed afterwards; a refused connection is ServiceUnavailable
+    (retried with backoff by the loader) with the driver's first line, never the URL."""
+    try:
+        conn = connect()
+    except psycopg2.OperationalError as error:
+        raise ServiceUnavailable(f"cannot connect to the warehouse: {first_line(error)}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def snake_case(name: str) -> str:

@@ -18,7 +18,6 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from clickstream_pipeline.errors import ServiceUnavailable
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
     KIND_BOOLEAN,
@@ -34,6 +33,7 @@ from clickstream_pipeline.warehouse.base import (
     LedgerEntry,
     LoadResult,
     PartitionLoad,
+    open_connection,
     property_columns,
 )
 
@@ -121,17 +121,8 @@ class PostgresWarehouse:
         self._ledger_ready = False
         self._tables: set[Stream] = set()
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[psycopg2.extensions.connection]:
-        try:
-            conn = psycopg2.connect(self.url, application_name="clickstream")
-        except psycopg2.OperationalError as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
-            raise ServiceUnavailable(f"cannot connect to the warehouse: {reason}") from None
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def connection(self) -> contextlib.AbstractContextManager[psycopg2.extensions.connection]:
+        return open_connection(lambda: psycopg2.connect(self.url, application_name="clickstream"))
 
     def ensure_ledger(self, conn: psycopg2.extensions.connection) -> None:
         """Create the ledger on first use (once per warehouse object)."""

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 import psycopg2
 
-from clickstream_pipeline.errors import ClickstreamError, ServiceUnavailable
+from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
     KIND_BOOLEAN,
@@ -47,6 +47,7 @@ from clickstream_pipeline.warehouse.base import (
     LedgerEntry,
     LoadResult,
     PartitionLoad,
+    open_connection,
     property_columns,
 )
 
@@ -437,17 +438,8 @@ class RedshiftWarehouse:
         self._ready: set[str] = set()
         self._slices = 1
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        try:
-            conn = self._connect(self.config)
-        except psycopg2.OperationalError as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
-            raise ServiceUnavailable(f"cannot connect to the warehouse: {reason}") from None
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def connection(self) -> contextlib.AbstractContextManager[Any]:
+        return open_connection(lambda: self._connect(self.config))
 
     def _ddl(self, conn: Any, key: str, statements: Iterable[str]) -> None:
         """Run idempotent DDL once per warehouse object, each statement committed."""
@@ -652,7 +644,7 @@ class RedshiftWarehouse:
                 conn.rollback()
                 raise ClickstreamError(
                     f"COPY of {load.stream} {load.hour:%Y-%m-%d %H}:00 failed: "
-                    f"{_first_line(error)}{self._load_errors(conn)}"
+                    f"{first_line(error)}{self._load_errors(conn)}"
                 ) from None
             cur.execute(sql["counts"])
             staged_rows, distinct = cur.fetchone() or (0, 0)
@@ -706,11 +698,6 @@ class RedshiftWarehouse:
         self.client.delete_objects(
             Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True}
         )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _spool(records: Iterable[tuple[str, ValidRecord]], spool: IO[bytes]) -> None:
