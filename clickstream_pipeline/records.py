@@ -155,7 +155,8 @@ def _parse_beyond_orjson(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
         return json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: nesting deeper than orjson's limit (1,024) that only recursion finds.
         return None
 
 
