@@ -278,3 +278,29 @@ def test_hostile_property_names_stay_inside_their_table(
     assert query(url, f"SELECT message_id, \"select\", properties->>'message_id' FROM {table}") == [
         ("m1", "kw", "not the id")
     ]
+
+
+def test_concurrent_first_loads_of_one_customers_events_create_its_schema_once(
+    pipeline: dict[str, str], customer: str
+) -> None:
+    streams = [Stream(customer, f"event_{i}") for i in range(6)]
+    for stream in streams:
+        put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record(f"{stream}-1", H1)])
+    errors: list[BaseException] = []
+
+    def first_load(stream: Stream) -> None:
+        try:
+            load(pipeline, stream, H1)
+        except BaseException as error:  # collected: a thread's exception would be lost
+            errors.append(error)
+
+    threads = [threading.Thread(target=first_load, args=(s,)) for s in streams]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert {
+        s.event: len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], s)) for s in streams
+    } == {s.event: 1 for s in streams}
