@@ -24,7 +24,7 @@ from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_
 from clickstream_pipeline.layout import hour_floor, hour_prefix
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
-from clickstream_pipeline.warehouse.base import snake_case
+from clickstream_pipeline.warehouse.base import LOADED_COLUMNS, snake_case
 
 STREAM = Stream("acme", "page_view")
 FILES = 4
@@ -184,17 +184,7 @@ def load_naive(hour_iso: str) -> dict[str, Any]:
             for r in _records(hour)
         )
         columns = [
-            "message_id",
-            "user_id",
-            "anonymous_id",
-            "event_name",
-            "event_timestamp",
-            "sent_at",
-            "received_at",
-            "properties",
-            "context",
-            "_hour",
-            "_source_key",
+            *LOADED_COLUMNS,
             *(snake_case(k) for k in ("loadTimeMs", "path", "referrer")),
         ]
         psycopg2.extras.execute_batch(

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,18 @@ run_coordinator:
 telemetry:
   enabled: false
 """
+
+
+@contextmanager
+def _bench_stack() -> Iterator[tuple[str, dict[str, str], Path]]:
+    """A scratch folder, the stack in its own process, and a registry file: (root, env, path)."""
+    with (
+        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
+        stack_process(Path(root) / "stack") as env,
+    ):
+        os.environ.update(env)
+        registry = Path(root) / "registry.yaml"
+        yield root, {**env, "CLICKSTREAM_REGISTRY": str(registry)}, registry
 
 
 def _machine_cpu() -> float:
@@ -83,13 +97,7 @@ def run(
     partitions = customers * events
     results: dict[str, Any] = {"partitions": partitions, "events_per_partition": per_partition}
     base = hour_floor(datetime.now(UTC)) - timedelta(days=1)
-    with (
-        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
-        stack_process(Path(root) / "stack") as env,
-    ):
-        os.environ.update(env)
-        registry = Path(root) / "registry.yaml"
-        env = {**env, "CLICKSTREAM_REGISTRY": str(registry)}
+    with _bench_stack() as (root, env, registry):
         url = env["CLICKSTREAM_WAREHOUSE_URL"]
 
         hour = base
@@ -160,13 +168,7 @@ def run_skew(customers: int = 20, light: int = 1000, factor: int = 100) -> dict[
     Without head-of-line blocking their latency (run start to loaded) barely changes.
     """
     first = hour_floor(datetime.now(UTC)) - timedelta(days=1)
-    with (
-        tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
-        stack_process(Path(root) / "stack") as env,
-    ):
-        os.environ.update(env)
-        registry = Path(root) / "registry.yaml"
-        env = {**env, "CLICKSTREAM_REGISTRY": str(registry)}
+    with _bench_stack() as (root, env, registry):
         alone = _skew_hour(env, root, registry, first, customers, light, 1)
         mixed = _skew_hour(
             env, root, registry, first + timedelta(hours=1), customers, light, factor

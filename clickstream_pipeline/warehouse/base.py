@@ -37,6 +37,8 @@ BASE_COLUMNS = (
     "_source_key",
     "_loaded_at",
 )
+# The columns a load writes (``_loaded_at`` is the table's default).
+LOADED_COLUMNS = tuple(column for column in BASE_COLUMNS if column != "_loaded_at")
 # A table keeps at most this many flattened property columns; the rest stay in ``properties``.
 MAX_PROPERTY_COLUMNS = 400
 _COLUMN_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")

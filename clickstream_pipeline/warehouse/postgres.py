@@ -29,6 +29,7 @@ from clickstream_pipeline.records import (
 )
 from clickstream_pipeline.warehouse.base import (
     BASE_COLUMNS,
+    LOADED_COLUMNS,
     MAX_PROPERTY_COLUMNS,
     LedgerEntry,
     LoadResult,
@@ -323,10 +324,7 @@ def _regclass(cur: Any, stream: Stream) -> str:
 
 def _insert_statement(table: sql.Identifier, columns: dict[str, tuple[str, str]]) -> sql.Composed:
     """INSERT the first copy of each message not already in the table, columns extracted."""
-    targets = [
-        "message_id", "user_id", "anonymous_id", "event_name", "event_timestamp", "sent_at",
-        "received_at", "properties", "context", "_hour", "_source_key",
-    ]  # fmt: skip
+    targets = list(LOADED_COLUMNS)
     values: list[sql.Composable] = [
         sql.SQL("s.message_id"),
         sql.SQL("s.doc->>'userId'"),

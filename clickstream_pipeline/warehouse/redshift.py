@@ -43,6 +43,7 @@ from clickstream_pipeline.records import (
 )
 from clickstream_pipeline.warehouse.base import (
     BASE_COLUMNS,
+    LOADED_COLUMNS,
     MAX_PROPERTY_COLUMNS,
     LedgerEntry,
     LoadResult,
@@ -271,7 +272,7 @@ def copy_sql(
 def insert_sql(stream: Stream, columns: list[tuple[str, str]]) -> str:
     """Insert the first copy (by source key, line) of each message not already in the table."""
     flat = [ident(column) for column, _ in columns]
-    targets = [ident(c) for c in BASE_COLUMNS if c != "_loaded_at"] + flat
+    targets = [ident(c) for c in LOADED_COLUMNS] + flat
     values = [
         "s.message_id",
         "s.user_id",
