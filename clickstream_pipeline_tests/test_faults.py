@@ -284,3 +284,68 @@ def test_secrets_never_reach_output_logs_or_metadata(
         },
     )
     assert failed.returncode == 1 and sentinel not in failed.stdout + failed.stderr
+
+
+def test_a_file_rewritten_after_listing_is_never_loaded_stale(
+    pipeline: dict[str, str], customer: str
+) -> None:
+    from botocore.exceptions import ClientError
+
+    from clickstream_pipeline_tests.helpers import put_file, record
+
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    stream = Stream(customer, "page_view")
+    put_file(bucket, stream, H1, "a", [record("old", H1)])
+    store = RawStore(s3_client(), bucket, "raw")
+    listed = store.list_partition(stream, H1)
+    put_file(bucket, stream, H1, "a", [record("new-1", H1), record("new-2", H1)])  # rewritten
+
+    with pytest.raises(ClientError, match="PreconditionFailed"):
+        load_partition(store, PostgresWarehouse(url), stream, H1, files=listed)
+    assert query(
+        url, "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s", (str(stream),)
+    ) == [(0,)]
+
+    # A retry lists again and loads what the file holds now.
+    assert load_partition(store, PostgresWarehouse(url), stream, H1).rows_loaded == 2
+    assert sorted(message_ids(url, stream)) == ["new-1", "new-2"]
+
+
+def test_an_s3_server_restart_during_a_load_is_retried_to_an_exact_load(
+    pipeline: dict[str, str], customer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.server import ThreadedMotoServer
+
+    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 40_000, files=8, seed=16)
+    # A second server over the same in-process state, on a port of its own, to restart freely.
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    restarted = threading.Event()
+
+    def restart() -> None:
+        _copy_backend(pipeline["CLICKSTREAM_WAREHOUSE_URL"])
+        server.stop()
+        time.sleep(1.0)
+        again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        again.start()
+        restarted.set()
+        nonlocal_servers.append(again)
+
+    nonlocal_servers: list[ThreadedMotoServer] = []
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    store = RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw")
+    outcome = with_retries(
+        lambda: load_partition(
+            store, PostgresWarehouse(pipeline["CLICKSTREAM_WAREHOUSE_URL"]), stream, H1
+        ),
+        base_delay=0.5,
+    )
+    restarter.join()
+    for running in nonlocal_servers:
+        running.stop()
+
+    assert restarted.is_set() and outcome.rows_loaded == 40_000
+    assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 40_000

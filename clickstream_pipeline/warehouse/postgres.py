@@ -173,9 +173,15 @@ class PostgresWarehouse:
                     conn.rollback()
                     return LoadResult(skipped=True)
                 cur.execute(_STAGING_DDL)
-                cur.copy_expert(
-                    "COPY _clickstream_staging FROM STDIN", _CopyReader(_copy_rows(records))
-                )
+                reader = _CopyReader(_copy_rows(records))
+                try:
+                    cur.copy_expert("COPY _clickstream_staging FROM STDIN", reader)
+                except psycopg2.Error:
+                    # A failure while reading the source (S3) surfaces from COPY wrapped in a
+                    # database error: raise the original, so it is retried and reported as is.
+                    if reader.error is not None:
+                        raise reader.error from None
+                    raise
                 cur.execute("SELECT count(*), count(DISTINCT message_id) FROM _clickstream_staging")
                 staged, distinct = cur.fetchone() or (0, 0)
                 # Everything below runs with the table to ourselves: a concurrent load of the
@@ -397,11 +403,16 @@ class _CopyReader:
     def __init__(self, rows: Iterator[bytes]) -> None:
         self._rows = rows
         self._buffer = bytearray()
+        self.error: Exception | None = None
 
     def read(self, size: int = -1) -> bytes:
         target = size if size and size > 0 else 1 << 20
         while len(self._buffer) < target:
-            row = next(self._rows, None)
+            try:
+                row = next(self._rows, None)
+            except Exception as error:
+                self.error = error
+                raise
             if row is None:
                 break
             self._buffer += row
