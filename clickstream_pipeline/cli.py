@@ -562,6 +562,32 @@ def dev(root: str, port: int, sample: bool) -> None:
 
 
 @cli.command()
+@click.option(
+    "--daemon/--no-daemon",
+    default=True,
+    show_default=True,
+    help="Also require recent Dagster daemon heartbeats (DAGSTER_HOME).",
+)
+def health(daemon: bool) -> None:
+    """Check S3, the warehouse, the registry and the Dagster daemon; exit 1 if any is down.
+
+    Usable as a Kubernetes probe: one table, one exit code.
+    """
+    from clickstream_pipeline.health import run_checks
+
+    checks = run_checks(include_daemon=daemon)
+    table = Table(title="clickstream health", title_justify="left")
+    for column in ("component", "state", "detail"):
+        table.add_column(column)
+    for check in checks:
+        table.add_row(check.name, "up" if check.ok else "DOWN", check.detail)
+    out.print(table)
+    down = [check.name for check in checks if not check.ok]
+    if down:
+        raise ClickstreamError(f"down: {', '.join(down)}")
+
+
+@cli.command()
 @click.option("--quick", is_flag=True, help="Tiny sizes, no daemon: proves the benchmark runs.")
 @click.option(
     "--events",

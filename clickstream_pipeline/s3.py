@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 DEFAULT_MAX_ATTEMPTS = 10
 
 
-def s3_client(endpoint_url: str | None = None) -> S3Client:
+def s3_client(endpoint_url: str | None = None, max_attempts: int | None = None) -> S3Client:
     """A thread-safe S3 client; boto3 reads AWS_ENDPOINT_URL and credentials from the env.
 
     Botocore's adaptive mode retries throttling (503 Slow Down), 5xx and connection errors with
     exponential backoff and jitter; AWS_MAX_ATTEMPTS overrides the attempt count.
     """
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
     config = Config(
         retries={"max_attempts": attempts, "mode": "adaptive"},
         max_pool_connections=32,

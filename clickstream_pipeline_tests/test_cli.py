@@ -100,6 +100,8 @@ def test_unreachable_s3_is_one_line(monkeypatch: pytest.MonkeyPatch, registry_pa
         ["load"],
         ["demo"],
         ["dev"],
+        ["health"],
+        ["bench"],
     ],
 )
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:

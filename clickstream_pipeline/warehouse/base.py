@@ -132,6 +132,10 @@ class Warehouse(Protocol):
         """Why this warehouse cannot store a valid record (it is quarantined), or None."""
         ...
 
+    def connection(self) -> contextlib.AbstractContextManager[Any]:
+        """A DB-API connection (ServiceUnavailable when refused), closed afterwards."""
+        ...
+
 
 @contextlib.contextmanager
 def open_connection(connect: Callable[[], Any]) -> Iterator[Any]:

@@ -1,0 +1,85 @@
+"""Health checks for on-call and Kubernetes probes: S3, the warehouse, the registry, the daemon."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from clickstream_pipeline.config import Settings
+from clickstream_pipeline.errors import ClickstreamError, first_line
+from clickstream_pipeline.registry import registry_backend
+from clickstream_pipeline.s3 import s3_client
+
+
+@dataclass(frozen=True)
+class Check:
+    """One component's state: ``ok``, and a one-line detail either way."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _guarded(name: str, probe: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, probe())
+    except (ClickstreamError, BotoCoreError, ClientError, OSError) as error:
+        return Check(name, False, first_line(error))
+
+
+def check_registry(settings: Settings) -> Check:
+    def probe() -> str:
+        backend = registry_backend(settings.registry)
+        return f"{len(backend.load().streams)} streams in {backend.location}"
+
+    return _guarded("registry", probe)
+
+
+def check_s3(settings: Settings) -> Check:
+    def probe() -> str:
+        bucket = settings.require_bucket()
+        s3_client(max_attempts=2).head_bucket(Bucket=bucket)
+        return f"bucket {bucket} reachable"
+
+    return _guarded("s3", probe)
+
+
+def check_warehouse(settings: Settings) -> Check:
+    def probe() -> str:
+        from clickstream_pipeline.warehouse import warehouse_for_url
+
+        warehouse = warehouse_for_url(settings.require_warehouse_url())
+        with warehouse.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        return "accepting connections"
+
+    return _guarded("warehouse", probe)
+
+
+def check_daemon() -> Check:
+    """Every daemon the instance requires has a recent heartbeat (DAGSTER_HOME's instance)."""
+
+    def probe() -> str:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            statuses = instance.get_daemon_statuses()
+        if not statuses:
+            raise ClickstreamError("the instance requires no daemons")
+        down = sorted(kind for kind, status in statuses.items() if not status.healthy)
+        if down:
+            raise ClickstreamError(f"no recent heartbeat from {', '.join(down)}")
+        return f"{len(statuses)} daemons healthy"
+
+    return _guarded("dagster daemon", probe)
+
+
+def run_checks(include_daemon: bool = True) -> list[Check]:
+    settings = Settings.from_env()
+    checks = [check_s3(settings), check_warehouse(settings), check_registry(settings)]
+    if include_daemon:
+        checks.append(check_daemon())
+    return checks

@@ -1,0 +1,93 @@
+"""`clickstream health` against real servers: up, stopped, back."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from clickstream_pipeline.local import LocalStack
+from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline_tests.helpers import outside_env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clickstream_pipeline.cli", "health", *args],
+        capture_output=True,
+        text=True,
+        env={**outside_env(), **env, "AWS_MAX_ATTEMPTS": "1"},
+        timeout=120,
+    )
+
+
+def test_health_fails_while_the_warehouse_is_stopped_and_passes_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    stack = LocalStack(tmp_path, bucket="health-check", s3_port=port)
+    env = stack.start()
+    YamlFileRegistry(env["CLICKSTREAM_REGISTRY"]).save(
+        Registry.from_mapping({"acme": ["page_view"]})
+    )
+    try:
+        up = health(env, "--no-daemon")
+        assert up.returncode == 0, up.stderr
+        assert "│ warehouse │ up    │ accepting connections" in up.stdout
+        assert "1 streams in" in up.stdout
+
+        stack.stop()
+        down = health(env, "--no-daemon")
+        assert down.returncode == 1
+        assert "│ warehouse │ DOWN  │ cannot connect to the warehouse:" in down.stdout
+        assert down.stderr.splitlines()[-1] == "clickstream: error: down: s3, warehouse"
+
+        assert stack.start() == env  # the same socket and port: a restart, not a new stack
+        back = health(env, "--no-daemon")
+        assert back.returncode == 0, back.stdout
+    finally:
+        stack.stop()
+
+
+def test_health_requires_a_daemon_heartbeat(local_stack: dict[str, str], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    registry = tmp_path / "registry.yaml"
+    YamlFileRegistry(registry).save(Registry())
+    env = {**local_stack, "DAGSTER_HOME": str(home), "CLICKSTREAM_REGISTRY": str(registry)}
+
+    without = health(env)
+    assert without.returncode == 1
+    assert "DOWN" in without.stdout and "no recent heartbeat from" in without.stdout
+
+    daemon = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster-daemon"),
+            "run",
+            "-m",
+            "clickstream_pipeline.definitions",
+        ],
+        env={**outside_env(), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        result = health(env)
+        while result.returncode != 0 and time.monotonic() < deadline:
+            time.sleep(2)
+            result = health(env)
+        assert result.returncode == 0, result.stdout
+        assert "│ dagster daemon │ up    │" in result.stdout
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
