@@ -1,5 +1,6 @@
 """Assets: the raw files of each (stream, hour) in S3 and the warehouse rows loaded from them."""
 
+import json
 from typing import Any
 
 import dagster as dg
@@ -52,7 +53,9 @@ def warehouse_events(
     outcome = load_partition(
         s3.store(), warehouse.warehouse(), stream, hour, run_id=context.op_execution_context.run_id
     )
-    context.log.info(summary_line(outcome))
+    context.log.info(
+        load_log_line(context.partition_key, context.op_execution_context.run_id, outcome)
+    )
     return dg.MaterializeResult(
         metadata=load_metadata(outcome), check_results=[quarantine_check_result(outcome)]
     )
@@ -118,12 +121,34 @@ def _check_metadata(outcome: LoadOutcome) -> dict[str, Any]:
     }
 
 
-def summary_line(outcome: LoadOutcome) -> str:
-    if outcome.skipped:
-        return f"{outcome.stream} {outcome.hour:%Y-%m-%d %H}:00 unchanged since its last load"
-    return (
-        f"{outcome.stream} {outcome.hour:%Y-%m-%d %H}:00: {len(outcome.files)} files, "
-        f"{outcome.records_read} records, {outcome.rows_loaded} rows loaded, "
-        f"{outcome.duplicates} duplicates dropped, {outcome.quarantined} quarantined "
-        f"in {outcome.seconds:.2f} s"
-    )
+def load_log_line(
+    key: str, run_id: str, outcome: LoadOutcome | None = None, error: str | None = None
+) -> str:
+    """One structured JSON line per partition load, for log search (Loki, Elasticsearch) by
+    stream and hour: ``{"event": "partition_load", "stream", "hour", "run_id", "outcome", ...}``."""
+    stream, hour = parse_partition_key(key)
+    line: dict[str, Any] = {
+        "event": "partition_load",
+        "stream": str(stream),
+        "hour": hour.isoformat(),
+        "run_id": run_id,
+    }
+    if outcome is None:
+        line.update(outcome="failed", error=error)
+    elif outcome.skipped:
+        line.update(
+            outcome="unchanged", files=len(outcome.files), seconds=round(outcome.seconds, 3)
+        )
+    else:
+        line.update(
+            outcome="loaded",
+            files=len(outcome.files),
+            bytes=outcome.bytes,
+            records=outcome.records_read,
+            rows=outcome.rows_loaded,
+            duplicates=outcome.duplicates,
+            quarantined=outcome.quarantined,
+            new_columns=outcome.new_columns,
+            seconds=round(outcome.seconds, 3),
+        )
+    return json.dumps(line, separators=(",", ":"))

@@ -14,11 +14,11 @@ from pydantic import Field
 
 from clickstream_pipeline.assets import (
     STEP_RETRY,
+    load_log_line,
     load_metadata,
     quarantine_check_evaluation,
     raw_events_key,
     raw_metadata,
-    summary_line,
     warehouse_events_key,
 )
 from clickstream_pipeline.errors import first_line
@@ -68,9 +68,9 @@ def load_partitions(
                 outcome = future.result()
             except Exception as error:
                 failures[key] = f"{type(error).__name__}: {first_line(error)}"
-                context.log.error(f"{key} failed: {failures[key]}")
+                context.log.error(load_log_line(key, context.run_id, error=failures[key]))
                 continue
-            context.log.info(summary_line(outcome))
+            context.log.info(load_log_line(key, context.run_id, outcome))
             if not outcome.skipped:
                 _report(context, key, outcome)
                 loaded += 1

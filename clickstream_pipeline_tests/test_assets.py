@@ -118,3 +118,39 @@ def test_an_unreachable_warehouse_is_one_clear_error(
     message = str(raised.value)
     assert message.startswith("cannot connect to the warehouse: connection to server on socket")
     assert "\n" not in message and "s3cret" not in message
+
+
+def test_each_partition_load_logs_one_structured_json_line(
+    pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
+) -> None:
+    import json
+
+    stream = Stream(customer, "page_view")
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), b"{bad"])
+    instance.add_dynamic_partitions("stream", [str(stream)])
+
+    result = defs.get_job_def(LOAD_JOB).execute_in_process(
+        run_config=run_config_for([key(stream, H1)]), instance=instance
+    )
+
+    lines = [
+        json.loads(entry.user_message)
+        for entry in instance.all_logs(result.run_id)
+        if entry.user_message.startswith('{"event":"partition_load"')
+    ]
+    [line] = lines
+    assert {k: v for k, v in line.items() if k != "seconds"} == {
+        "event": "partition_load",
+        "stream": str(stream),
+        "hour": H1.isoformat(),
+        "run_id": result.run_id,
+        "outcome": "loaded",
+        "files": 1,
+        "bytes": line["bytes"],
+        "records": 2,
+        "rows": 1,
+        "duplicates": 0,
+        "quarantined": 1,
+        "new_columns": [],
+    }
+    assert line["bytes"] > 0 and line["seconds"] >= 0
