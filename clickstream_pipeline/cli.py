@@ -562,6 +562,26 @@ def dev(root: str, port: int, sample: bool) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9108, show_default=True, type=click.IntRange(1, 65535))
+def metrics(host: str, port: int) -> None:
+    """Serve Prometheus metrics on /metrics until stopped, computed from the load ledger and
+    the Dagster instance at each scrape (events loaded, duplicates, quarantined, lag per
+    stream; daemon heartbeat ages)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from clickstream_pipeline.metrics import PipelineCollector
+    from clickstream_pipeline.resources import WarehouseResource
+
+    WarehouseResource().warehouse()  # a missing or bad URL is a clear error now, not at scrape
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(lambda: WarehouseResource().warehouse()))
+    start_http_server(port, addr=host, registry=registry)
+    err.print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C stops)")
+    _wait_for_interrupt()
+
+
+@cli.command()
 @click.option(
     "--daemon/--no-daemon",
     default=True,

@@ -101,6 +101,46 @@ class LedgerEntry:
     loaded_at: datetime
 
 
+@dataclass(frozen=True)
+class StreamTotals:
+    """What the ledger says about one stream, over every loaded hour."""
+
+    stream: str
+    partitions: int
+    records_read: int
+    rows_loaded: int
+    duplicates: int
+    quarantined: int
+    newest_hour: datetime
+
+
+# The ledger, summed per stream; the same text on PostgreSQL and Redshift.
+STREAM_TOTALS_SQL = (
+    "SELECT stream, COUNT(*), SUM(records_read), SUM(rows_loaded), SUM(duplicates), "
+    "SUM(quarantined), MAX(hour) FROM clickstream.load_ledger GROUP BY stream ORDER BY stream"
+)
+
+
+def stream_totals(warehouse: Warehouse) -> list[StreamTotals]:
+    """Per-stream totals from the ledger (computed in the warehouse, one row per stream)."""
+    warehouse.ledger([])  # creates the ledger if this warehouse has none yet
+    with warehouse.connection() as conn, conn.cursor() as cur:
+        cur.execute(STREAM_TOTALS_SQL)
+        rows = cur.fetchall()
+    return [
+        StreamTotals(
+            stream=row[0],
+            partitions=int(row[1]),
+            records_read=int(row[2]),
+            rows_loaded=int(row[3]),
+            duplicates=int(row[4]),
+            quarantined=int(row[5]),
+            newest_hour=row[6],
+        )
+        for row in rows
+    ]
+
+
 class Warehouse(Protocol):
     """A warehouse dialect. Every load replaces one (stream, hour) in one transaction."""
 

@@ -292,7 +292,7 @@ class PostgresWarehouse:
                 load.hour,
                 load.fingerprint,
                 orjson.dumps(files).decode(),
-                result.staged,
+                stats.records_read,
                 result.rows_loaded,
                 result.duplicates_in_partition + result.already_loaded,
                 stats.quarantined,

@@ -461,9 +461,8 @@ class RedshiftWarehouse:
         )
         params: list[Any] = []
         if streams is not None:
-            keys = tuple(s.key for s in streams)
-            if not keys:
-                return {}
+            # IN () is not SQL: an empty list matches a stream no name can have.
+            keys = tuple(s.key for s in streams) or ("",)
             query += " AND stream IN %s"
             params.append(keys)
         if since is not None:

@@ -1,0 +1,79 @@
+"""`clickstream metrics`: the /metrics endpoint computed from the ledger, scraped over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from clickstream_pipeline.loader import RawStore, load_partition
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
+from clickstream_pipeline_tests.helpers import put_file, recent_hour, record
+
+H1, H2 = recent_hour(3), recent_hour(2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_metrics_report_the_ledger_per_stream(pipeline: dict[str, str], customer: str) -> None:
+    stream = Stream(customer, "page_view")
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(bucket, stream, H1, "a", [record("m1", H1), record("m1", H1), b"{bad"])
+    put_file(bucket, stream, H2, "a", [record("m2", H2), record("m3", H2)])
+    store = RawStore(s3_client(), bucket, "raw")
+    for hour in (H1, H2):
+        load_partition(store, PostgresWarehouse(url), stream, hour)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "clickstream_pipeline.cli", "metrics", "--port", str(port)],
+        env={**env, **pipeline},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        text = scrape(port)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    values = {
+        (sample.name, sample.labels.get("stream")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    mine = {name: value for (name, label), value in values.items() if label == str(stream)}
+    lag = mine.pop("clickstream_lag_seconds")
+    assert mine == {
+        "clickstream_partitions_loaded_total": 2.0,
+        "clickstream_records_read_total": 5.0,
+        "clickstream_events_loaded_total": 3.0,
+        "clickstream_duplicates_dropped_total": 1.0,
+        "clickstream_records_quarantined_total": 1.0,
+    }
+    expected_lag = (datetime.now(UTC) - (H2 + timedelta(hours=1))).total_seconds()
+    assert abs(lag - expected_lag) < 120
