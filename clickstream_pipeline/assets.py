@@ -5,6 +5,7 @@ from typing import Any
 
 import dagster as dg
 
+from clickstream_pipeline.layout import parse_hour_key
 from clickstream_pipeline.loader import LoadOutcome, load_partition
 from clickstream_pipeline.partitions import parse_partition_key, stream_hour_partitions
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
@@ -126,11 +127,15 @@ def load_log_line(
 ) -> str:
     """One structured JSON line per partition load, for log search (Loki, Elasticsearch) by
     stream and hour: ``{"event": "partition_load", "stream", "hour", "run_id", "outcome", ...}``."""
-    stream, hour = parse_partition_key(key)
+    hour_key, _, stream = key.partition("|")
+    try:
+        hour = parse_hour_key(hour_key).isoformat()
+    except ValueError:
+        hour = hour_key  # a malformed key is logged as given: logging must never fail a load
     line: dict[str, Any] = {
         "event": "partition_load",
-        "stream": str(stream),
-        "hour": hour.isoformat(),
+        "stream": stream,
+        "hour": hour,
         "run_id": run_id,
     }
     if outcome is None:

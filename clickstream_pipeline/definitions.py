@@ -2,6 +2,11 @@
 
 import dagster as dg
 
+from clickstream_pipeline.alerts import (
+    AlertResource,
+    load_failure_alert_sensor,
+    stream_freshness_alert_sensor,
+)
 from clickstream_pipeline.assets import raw_events, warehouse_events
 from clickstream_pipeline.jobs import load_partitions_job
 from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
@@ -14,11 +19,17 @@ from clickstream_pipeline.sensors import (
 defs = dg.Definitions(
     assets=[raw_events, warehouse_events],
     jobs=[load_partitions_job],
-    sensors=[registry_sync_sensor, s3_discovery_sensor],
+    sensors=[
+        registry_sync_sensor,
+        s3_discovery_sensor,
+        load_failure_alert_sensor,
+        stream_freshness_alert_sensor,
+    ],
     resources={
         "s3": S3StorageResource(),
         "warehouse": WarehouseResource(),
         "registry": RegistryResource(),
         "discovery": DiscoveryResource(),
+        "alerts": AlertResource(),
     },
 )

@@ -22,7 +22,7 @@ from clickstream_pipeline.assets import (
     warehouse_events_key,
 )
 from clickstream_pipeline.errors import first_line
-from clickstream_pipeline.loader import LoadOutcome, load_partition, with_retries
+from clickstream_pipeline.loader import TRANSIENT_ERRORS, LoadOutcome, load_partition, with_retries
 from clickstream_pipeline.partitions import parse_partition_key
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
 
@@ -49,6 +49,7 @@ def load_partitions(
     """Load each listed partition exactly once and report it as materialized on its own."""
     store, target = s3.store(), warehouse.warehouse()
     failures: dict[str, str] = {}
+    transient = False
     loaded = 0
 
     def load(key: str) -> LoadOutcome:
@@ -68,6 +69,7 @@ def load_partitions(
                 outcome = future.result()
             except Exception as error:
                 failures[key] = f"{type(error).__name__}: {first_line(error)}"
+                transient = transient or isinstance(error, TRANSIENT_ERRORS)
                 context.log.error(load_log_line(key, context.run_id, error=failures[key]))
                 continue
             context.log.info(load_log_line(key, context.run_id, outcome))
@@ -78,6 +80,9 @@ def load_partitions(
         raise dg.Failure(
             description=f"{len(failures)} of {len(futures)} partitions failed to load",
             metadata={"failed": dg.MetadataValue.json(failures)},
+            # Retrying the step helps only when a failure may pass (network, throttling);
+            # bad keys or data fail the same way again.
+            allow_retries=transient,
         )
     return dg.Output(loaded, metadata={"partitions": len(futures), "loaded": loaded})
 
