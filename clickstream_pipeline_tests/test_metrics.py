@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickstream_pipeline.loader import RawStore, load_partition
+from clickstream_pipeline.metrics import PipelineCollector
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
@@ -77,3 +82,29 @@ def test_metrics_report_the_ledger_per_stream(pipeline: dict[str, str], customer
     }
     expected_lag = (datetime.now(UTC) - (H2 + timedelta(hours=1))).total_seconds()
     assert abs(lag - expected_lag) < 120
+
+
+def test_the_grafana_dashboard_uses_only_metrics_the_endpoint_serves(
+    pipeline: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    collector = PipelineCollector(lambda: PostgresWarehouse(pipeline["CLICKSTREAM_WAREHOUSE_URL"]))
+    served = {
+        f"{family.name}_total" if family.type == "counter" else family.name
+        for family in collector.collect()
+    }
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy/grafana/clickstream.json").read_text()
+    )
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    exprs += [
+        variable["query"]["query"]
+        for variable in dashboard["templating"]["list"]
+        if isinstance(variable.get("query"), dict)
+    ]
+    used = {name for expr in exprs for name in re.findall(r"clickstream_[a-z_]+", expr)}
+
+    assert used and used <= served, used - served
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    assert all(word in titles for word in ("lag", "loaded per second", "quarantined", "duplicates"))
