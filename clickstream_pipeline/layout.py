@@ -36,10 +36,6 @@ class RawFile:
     hour: datetime
     name: str
 
-    @property
-    def compressed(self) -> bool:
-        return self.name.endswith(".gz")
-
 
 def hour_floor(moment: datetime) -> datetime:
     """The start of the UTC hour containing ``moment`` (naive datetimes are taken as UTC)."""

@@ -56,10 +56,6 @@ class Registry:
             )
         )
 
-    @property
-    def stream_keys(self) -> frozenset[str]:
-        return frozenset(stream.key for stream in self.streams)
-
     def __contains__(self, stream: object) -> bool:
         return isinstance(stream, Stream) and stream.event in self.as_mapping().get(
             stream.customer, ()

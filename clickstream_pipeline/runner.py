@@ -33,7 +33,9 @@ QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 @dataclass
-class StreamTotals:
+class LoadTotals:
+    """One stream's share of a `clickstream load`."""
+
     partitions: int = 0
     files: int = 0
     records_read: int = 0
@@ -50,7 +52,7 @@ class LoadSummary:
     loaded: int = 0
     failed: list[str] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
-    streams: dict[str, StreamTotals] = field(default_factory=dict)
+    streams: dict[str, LoadTotals] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -110,7 +112,7 @@ def _collect(summary: LoadSummary, result: dg.ExecuteInProcessResult) -> None:
         if materialization.asset_key.path != ["warehouse_events"]:
             continue
         metadata = {k: v.value for k, v in materialization.metadata.items()}
-        totals = summary.streams.setdefault(str(metadata["table"]), StreamTotals())
+        totals = summary.streams.setdefault(str(metadata["table"]), LoadTotals())
         totals.partitions += 1
         for name in ("files", "records_read", "rows_loaded", "duplicates_dropped", "quarantined"):
             value = metadata.get(name)

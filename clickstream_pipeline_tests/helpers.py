@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -84,6 +85,13 @@ def message_ids(url: str, stream: Stream) -> dict[str, datetime]:
     """message_id -> _hour of every row in the stream's table."""
     rows = query(url, f'SELECT message_id, _hour FROM "{stream.customer}"."{stream.event}"')
     return dict(rows)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def outside_env() -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from clickstream_pipeline_tests.helpers import outside_env
+from clickstream_pipeline_tests.helpers import free_port, outside_env
 
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName } } } }"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def graphql(port: int, query: str) -> Any:

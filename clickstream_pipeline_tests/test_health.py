@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -10,13 +9,7 @@ from pathlib import Path
 
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
-from clickstream_pipeline_tests.helpers import outside_env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from clickstream_pipeline_tests.helpers import free_port, outside_env
 
 
 def health(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

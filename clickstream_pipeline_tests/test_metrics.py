@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ from clickstream_pipeline.metrics import PipelineCollector
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
-from clickstream_pipeline_tests.helpers import put_file, recent_hour, record
+from clickstream_pipeline_tests.helpers import free_port, put_file, recent_hour, record
 
 H1, H2 = recent_hour(3), recent_hour(2)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape(port: int, timeout: float = 60) -> str:
