@@ -50,8 +50,7 @@ class LoadOutcome:
     quarantined: int = 0
     rows_loaded: int = 0
     rows_replaced: int = 0
-    duplicates_in_partition: int = 0
-    already_loaded: int = 0
+    duplicates: int = 0  # records not loaded: messageId already seen in the partition or loaded
     new_columns: list[str] = field(default_factory=list)
     quarantine_keys: list[str] = field(default_factory=list)
     skipped: bool = False
@@ -60,11 +59,6 @@ class LoadOutcome:
     @property
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-    @property
-    def duplicates(self) -> int:
-        """Records not loaded because their messageId was already seen or loaded."""
-        return self.duplicates_in_partition + self.already_loaded
 
 
 @dataclass(frozen=True)
@@ -118,8 +112,7 @@ def load_partition(
         outcome.quarantined = stats.quarantined
         outcome.rows_loaded = result.rows_loaded
         outcome.rows_replaced = result.rows_replaced
-        outcome.duplicates_in_partition = result.duplicates_in_partition
-        outcome.already_loaded = result.already_loaded
+        outcome.duplicates = result.duplicates
         outcome.new_columns = result.new_columns
     outcome.seconds = time.perf_counter() - began
     return outcome

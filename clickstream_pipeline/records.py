@@ -7,15 +7,18 @@ failing a COPY; extraction of columns from a valid record is left to the warehou
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
+import math
 import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import IO, Any
+from datetime import date, datetime
+from decimal import Decimal
+from typing import IO, Any, NamedTuple
 
 import orjson
 
@@ -31,16 +34,18 @@ KIND_NUMBER = "number"
 KIND_STRING = "string"
 
 
-@dataclass(frozen=True, slots=True)
-class ValidRecord:
-    """A record that passed validation, with the values the loader needs up front."""
+class ValidRecord(NamedTuple):
+    """A record that passed validation: the values the loader needs up front, the parsed
+    document and its raw line. Timestamps are kept as sent, once checked to be ISO-8601 with a
+    zone that both warehouses accept (``timestamp_value`` gives the datetime)."""
 
     message_id: str
-    received_at: datetime
-    event_timestamp: datetime | None
-    sent_at: datetime | None
+    received_at: str
+    event_timestamp: str | None
+    sent_at: str | None
     line: int
     raw: bytes
+    doc: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +67,29 @@ class ReadStats:
     property_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def observe(self, properties: dict[str, Any]) -> None:
+        kinds = self.property_kinds
         for name, value in properties.items():
-            kind = value_kind(value)
-            if kind is not None:
-                per_name = self.property_kinds.setdefault(name, {})
+            kind = _KIND_OF_TYPE.get(type(value))
+            if kind is None:
+                continue
+            if kind is KIND_INTEGER and not -(2**63) <= value < 2**63:
+                kind = KIND_NUMBER
+            per_name = kinds.get(name)
+            if per_name is None:
+                kinds[name] = {kind: 1}
+            else:
                 per_name[kind] = per_name.get(kind, 0) + 1
+
+
+# Exact types only (bool is a subclass of int): what the parsers build. Decimal holds numbers
+# beyond double: they count as numbers, and a typed column gets NULL for them.
+_KIND_OF_TYPE: dict[type, str] = {
+    bool: KIND_BOOLEAN,
+    int: KIND_INTEGER,
+    float: KIND_NUMBER,
+    str: KIND_STRING,
+    Decimal: KIND_NUMBER,
+}
 
 
 def value_kind(value: object) -> str | None:
@@ -82,22 +105,36 @@ def value_kind(value: object) -> str | None:
     return None
 
 
-def parse_timestamp(value: object) -> datetime | None:
-    """An aware datetime from an ISO-8601 string with an offset or ``Z``; None if invalid."""
-    if not isinstance(value, str) or not _TIMESTAMP_RE.match(value):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
-# fromisoformat alone accepts forms PostgreSQL does not (week dates, basic format); require
-# the extended calendar form Segment sends.
+# The extended calendar form Segment sends, with a zone, in the ranges both warehouses accept:
+# hours 00-23, minutes and seconds 00-59, and offsets up to 15:59 (PostgreSQL's limit).
 _TIMESTAMP_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:?\d{2})$"
+    r"(\d{4}-\d{2}-\d{2})[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d{1,9})?)?"
+    r"(?:Z|[+-](?:0\d|1[0-5]):?[0-5]\d)"
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _valid_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def valid_timestamp(value: object) -> str | None:
+    """``value`` if it is an ISO-8601 timestamp with a zone that both warehouses accept."""
+    if type(value) is not str:
+        return None
+    match = _TIMESTAMP_RE.fullmatch(value)
+    if match is None or not _valid_date(match[1]):
+        return None
+    return value
+
+
+def timestamp_value(text: str) -> datetime:
+    """The aware datetime of a timestamp ``valid_timestamp`` accepted."""
+    return datetime.fromisoformat(text)
 
 
 def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadRecord:
@@ -115,7 +152,7 @@ def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadR
         return BadRecord(line, "messageId is missing or not a non-empty string", raw)
     if len(message_id) > MAX_MESSAGE_ID_CHARS:
         return BadRecord(line, f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters", raw)
-    received_at = parse_timestamp(record.get("receivedAt"))
+    received_at = valid_timestamp(record.get("receivedAt"))
     if received_at is None:
         if "receivedAt" not in record:
             return BadRecord(line, "receivedAt is missing", raw)
@@ -131,10 +168,11 @@ def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadR
     return ValidRecord(
         message_id=message_id,
         received_at=received_at,
-        event_timestamp=parse_timestamp(record.get("timestamp")),
-        sent_at=parse_timestamp(record.get("sentAt")),
+        event_timestamp=valid_timestamp(record.get("timestamp")),
+        sent_at=valid_timestamp(record.get("sentAt")),
         line=line,
         raw=raw,
+        doc=record,
     )
 
 
@@ -151,13 +189,40 @@ def parse_json(raw: bytes) -> Any:
 
 
 def _parse_beyond_orjson(raw: bytes) -> Any:
-    """Parse what orjson refuses but is valid JSON (numbers beyond double); None if invalid."""
+    """Parse what orjson refuses but is valid JSON (numbers beyond 64-bit integers or doubles,
+    kept exact as Decimal); None if invalid."""
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_int=_exact_int, parse_float=_exact_float, parse_constant=_reject_constant
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: nesting deeper than orjson's limit (1,024) that only recursion finds.
         return None
+
+
+def _exact_int(text: str) -> int | Decimal:
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else Decimal(text)
+
+
+def _exact_float(text: str) -> float | Decimal:
+    value = float(text)
+    if math.isinf(value) or (value == 0 and Decimal(text) != 0):
+        return Decimal(text)
+    return value
+
+
+def dump_json(value: Any) -> bytes:
+    """Serialize a parsed document (or part of one) compactly; numbers beyond double, parsed as
+    Decimal, are written exactly."""
+    return orjson.dumps(value, default=_exact_number)
+
+
+def _exact_number(value: object) -> orjson.Fragment:
+    if isinstance(value, Decimal):
+        return orjson.Fragment(str(value))
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _reject_constant(name: str) -> None:

@@ -152,7 +152,7 @@ def _copy_backend(url: str, timeout: float = 60) -> int:
         rows = query(
             url,
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'clickstream' "
-            "AND query LIKE 'COPY _clickstream_staging%%'",
+            "AND query LIKE 'COPY %% FROM STDIN'",
         )
         if rows:
             return int(rows[0][0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import threading
 from datetime import datetime
+from typing import Any
 
 import orjson
 import pytest
@@ -49,8 +50,8 @@ def test_duplicates_in_file_across_files_and_across_hours_load_once(
     first = load(pipeline, stream, H1)
     second = load(pipeline, stream, H2)
 
-    assert (first.records_read, first.rows_loaded, first.duplicates_in_partition) == (5, 3, 2)
-    assert (second.records_read, second.rows_loaded, second.already_loaded) == (2, 1, 1)
+    assert (first.records_read, first.rows_loaded, first.duplicates) == (5, 3, 2)
+    assert (second.records_read, second.rows_loaded, second.duplicates) == (2, 1, 1)
     assert message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream) == {
         "m1": H1,
         "m2": H1,
@@ -82,7 +83,7 @@ def test_a_late_file_adds_exactly_its_new_events(pipeline: dict[str, str], strea
 
     reload = load(pipeline, stream, H1)
 
-    assert (reload.rows_replaced, reload.rows_loaded, reload.duplicates_in_partition) == (2, 4, 1)
+    assert (reload.rows_replaced, reload.rows_loaded, reload.duplicates) == (2, 4, 1)
     assert sorted(message_ids(url, stream)) == ["m1", "m2", "m5", "m6"]
     ledger = PostgresWarehouse(url).ledger([stream])
     assert ledger[(stream.key, H1)].fingerprint == reload.fingerprint
@@ -304,3 +305,93 @@ def test_concurrent_first_loads_of_one_customers_events_create_its_schema_once(
     assert {
         s.event: len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], s)) for s in streams
     } == {s.event: 1 for s in streams}
+
+
+def test_the_first_copy_wins_across_chunks_of_a_large_partition(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    from clickstream_pipeline.warehouse.postgres import CHUNK_RECORDS
+
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    first = [record(f"m{i}", H1, n=i, copy="first") for i in range(CHUNK_RECORDS + 500)]
+    again = [record("m5", H1, n=5, copy="second"), record(f"m{CHUNK_RECORDS + 1}", H1)]
+    put_file(bucket, stream, H1, "a", first[: CHUNK_RECORDS + 200])
+    put_file(bucket, stream, H1, "b", [*first[CHUNK_RECORDS + 200 :], *again])
+
+    outcome = load(pipeline, stream, H1)
+
+    assert (outcome.records_read, outcome.rows_loaded, outcome.duplicates) == (
+        CHUNK_RECORDS + 502,
+        CHUNK_RECORDS + 500,
+        2,
+    )
+    table = f'"{stream.customer}"."{stream.event}"'
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    assert query(url, f"SELECT copy, n FROM {table} WHERE message_id = 'm5'") == [("first", 5)]
+    assert query(url, f"SELECT count(*), count(DISTINCT message_id) FROM {table}") == [
+        (CHUNK_RECORDS + 500, CHUNK_RECORDS + 500)
+    ]
+
+
+# Values at the edges of each column kind: the rule that flattens them must be the same whether
+# the column existed when the rows were sent or was added after them.
+EDGE_VALUES: dict[str, list[Any]] = {
+    "late_int": [0, -1, 2**63 - 1, -(2**63), 1.5, "7", True, None, {"a": 1}, 7, 8, 9, 10],
+    "late_num": [1.5, 0.0, -0.0, 1e300, 1e-300, 2.5e-320, -7, 2**63 - 1, "1", False, 3.25],
+    "late_str": ["tab\there", "line\nbreak", "back\\slash", "ünï", "", 5, None, "x", "y"],
+    "late_bool": [True, False, 1, "true", None, True, False, True],
+}
+
+
+def test_columns_added_after_rows_were_sent_hold_what_rows_formatted_later_hold(
+    pipeline: dict[str, str], stream: Stream
+) -> None:
+    from clickstream_pipeline.warehouse.postgres import FIRST_RECORDS
+
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    filler = [record(f"f{i}", H1, filler=i) for i in range(FIRST_RECORDS)]
+    rows = max(len(values) for values in EDGE_VALUES.values())
+
+    def edge_records(prefix: str, hour: datetime) -> list[dict[str, Any]]:
+        return [
+            record(
+                f"{prefix}{i}",
+                hour,
+                **{name: values[i] for name, values in EDGE_VALUES.items() if i < len(values)},
+            )
+            for i in range(rows)
+        ]
+
+    # H1: the properties first appear after the first records, so their columns come late;
+    # H2: the columns exist, and rows are formatted with them.
+    put_file(bucket, stream, H1, "a", [*filler, *edge_records("late", H1)])
+    put_file(bucket, stream, H2, "a", edge_records("early", H2))
+
+    late = load(pipeline, stream, H1)
+    early = load(pipeline, stream, H2)
+
+    assert sorted(late.new_columns) == ["filler", "late_bool", "late_int", "late_num", "late_str"]
+    assert early.new_columns == []
+    table = f'"{stream.customer}"."{stream.event}"'
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    columns = ", ".join(EDGE_VALUES)
+
+    def values(prefix: str) -> list[tuple[Any, ...]]:
+        return query(
+            url,
+            f"SELECT {columns} FROM {table} WHERE message_id LIKE %s "
+            "ORDER BY substr(message_id, length(%s) + 1)::int",
+            (f"{prefix}%", prefix),
+        )
+
+    assert values("late") == values("early")
+    early_values = values("early")
+    assert early_values[:4] == [
+        (0, 1.5, "tab\there", True),
+        (-1, 0.0, "line\nbreak", False),
+        (2**63 - 1, 0.0, "back\\slash", None),
+        (-(2**63), 1e300, "ünï", None),
+    ]
+    assert [row[0] for row in early_values[4:10]] == [None, None, None, None, None, 7]
+    assert [row[1] for row in early_values[4:8]] == [1e-300, None, -7.0, float(2**63 - 1)]
+    assert [row[2] for row in early_values[4:7]] == ["", None, None]

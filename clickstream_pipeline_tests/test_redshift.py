@@ -194,7 +194,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         f'COPY "_clickstream_staging" ({columns}, "product_id", "quantity") FROM '
         f"'{staged}/manifest.json' IAM_ROLE '{ROLE}' MANIFEST GZIP FORMAT AS JSON "
         f"'{staged}/jsonpaths.json' TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF",
-        'SELECT COUNT(*), COUNT(DISTINCT message_id) FROM "_clickstream_staging"',
+        'SELECT COUNT(*) FROM "_clickstream_staging"',
         f"DELETE FROM {table} WHERE _hour = %(hour)s",
         f'INSERT INTO {table} ("message_id", "user_id", "anonymous_id", "event_name", '
         '"event_timestamp", "sent_at", "received_at", "properties", "context", "_hour", '
@@ -289,8 +289,8 @@ def test_dedup_ledger_and_staged_files_removed_after_commit(
     second = load(pipeline, warehouse, stream, H2)
     again = load(pipeline, warehouse, stream, H2)
 
-    assert (first.rows_loaded, first.duplicates_in_partition, first.quarantined) == (2, 1, 1)
-    assert (second.rows_loaded, second.already_loaded) == (1, 1)
+    assert (first.rows_loaded, first.duplicates, first.quarantined) == (2, 1, 1)
+    assert (second.rows_loaded, second.duplicates) == (1, 1)
     assert again.skipped
     assert message_ids(url, stream) == {"m1": H1, "m2": H1, "m3": H2}
     table = f'"{stream.customer}"."{stream.event}"'
@@ -370,7 +370,7 @@ def test_live_cluster_loads_exactly_once(customer: str) -> None:
     store = RawStore(client, LIVE_BUCKET, "raw")
     first = load_partition(store, warehouse, stream, H1)
     again = load_partition(store, warehouse, stream, H1)
-    assert (first.rows_loaded, first.duplicates_in_partition, again.skipped) == (2, 1, True)
+    assert (first.rows_loaded, first.duplicates, again.skipped) == (2, 1, True)
     assert warehouse.row_counts([stream]) == {str(stream): 2}
 
 

@@ -81,8 +81,7 @@ class LoadResult:
     staged: int = 0
     rows_loaded: int = 0
     rows_replaced: int = 0
-    duplicates_in_partition: int = 0
-    already_loaded: int = 0
+    duplicates: int = 0  # staged records not loaded: messageId seen in this load, or loaded before
     new_columns: list[str] = field(default_factory=list)
     skipped: bool = False
 

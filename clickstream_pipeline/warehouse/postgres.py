@@ -1,16 +1,24 @@
-"""PostgreSQL: COPY FROM STDIN into a staging table, then replace the partition in one transaction.
+"""PostgreSQL: the partition replaced in one transaction by COPY straight into the table.
 
-Python validates records and streams them, untouched, into a temporary staging table as
-``jsonb``; PostgreSQL (another process, another core) extracts the columns. Per table, loads are
-serialised by a transaction-scoped advisory lock, which makes concurrent loads of the same
-partition, and cross-hour deduplication, safe.
+Python validates each record and formats the table's row (base columns, ``properties`` and
+``context`` re-serialised, typed property columns); rows go in chunks by COPY FROM STDIN into
+the table itself, while a background thread reads and formats the next chunk. Duplicates never
+reach COPY: a chunk keeps the first copy of each messageId (file and line order), and one
+indexed probe per chunk drops the messageIds the table already holds (another hour, or an
+earlier chunk of this load). Per table, loads are serialised by a transaction-scoped advisory
+lock, which makes that probe, concurrent loads of the same partition and column additions safe.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -19,6 +27,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.prefetch import prefetch
 from clickstream_pipeline.records import (
     KIND_BOOLEAN,
     KIND_INTEGER,
@@ -26,6 +35,7 @@ from clickstream_pipeline.records import (
     KIND_STRING,
     ReadStats,
     ValidRecord,
+    dump_json,
 )
 from clickstream_pipeline.warehouse.base import (
     BASE_COLUMNS,
@@ -49,13 +59,14 @@ _SQL_TYPES = {
 }
 _KIND_OF_SQL_TYPE = {sql_type: kind for kind, sql_type in _SQL_TYPES.items()}
 
-# Extraction of a flattened column from ``properties``: a value of another JSON type, or out of
-# the column type's range, gives NULL and stays in ``properties`` only.
+# The flattening rule in SQL, for a column added after its load's rows were sent: the same rule as
+# the row formatting below (``_FORMATS``); a value of another JSON type, or out of the column
+# type's range, gives NULL and stays in ``properties`` only.
 _EXTRACT = {
     KIND_BOOLEAN: "CASE WHEN jsonb_typeof({v}) = 'boolean' THEN ({v})::boolean END",
     KIND_INTEGER: (
-        "CASE WHEN jsonb_typeof({v}) = 'number' AND ({t}) ~ '^-?[0-9]{{1,18}}$' "
-        "THEN ({t})::bigint END"
+        "CASE WHEN jsonb_typeof({v}) = 'number' AND ({t}) ~ '^-?[0-9]+$' AND ({v})::numeric "
+        "BETWEEN -9223372036854775808 AND 9223372036854775807 THEN ({t})::bigint END"
     ),
     KIND_NUMBER: (
         "CASE WHEN jsonb_typeof({v}) = 'number' AND (({v})::numeric = 0 OR "
@@ -101,17 +112,12 @@ CREATE TABLE {table} (
 CREATE INDEX ON {table} (_hour);
 """
 
-_STAGING_DDL = """
-CREATE TEMPORARY TABLE _clickstream_staging (
-    message_id      text        NOT NULL,
-    received_at     timestamptz NOT NULL,
-    event_timestamp timestamptz,
-    sent_at         timestamptz,
-    _source_key     text        NOT NULL,
-    _line           integer     NOT NULL,
-    doc             jsonb       NOT NULL
-) ON COMMIT DROP
-"""
+# Records per COPY (and per probe for messageIds already loaded): a few chunks in flight bound the
+# loader's memory; larger chunks gain little.
+CHUNK_RECORDS = 10_000
+# The first records of a load, held back until the columns of the properties they bring are
+# decided; every later record is formatted as it is read.
+FIRST_RECORDS = 1_000
 
 
 class PostgresWarehouse:
@@ -172,18 +178,6 @@ class PostgresWarehouse:
                 if self._loaded_fingerprint(cur, load) == load.fingerprint:
                     conn.rollback()
                     return LoadResult(skipped=True)
-                cur.execute(_STAGING_DDL)
-                reader = _CopyReader(_copy_rows(records))
-                try:
-                    cur.copy_expert("COPY _clickstream_staging FROM STDIN", reader)
-                except psycopg2.Error:
-                    # A failure while reading the source (S3) surfaces from COPY wrapped in a
-                    # database error: raise the original, so it is retried and reported as is.
-                    if reader.error is not None:
-                        raise reader.error from None
-                    raise
-                cur.execute("SELECT count(*), count(DISTINCT message_id) FROM _clickstream_staging")
-                staged, distinct = cur.fetchone() or (0, 0)
                 # Everything below runs with the table to ourselves: a concurrent load of the
                 # same partition waits here and then finds the ledger already up to date.
                 cur.execute(
@@ -192,14 +186,35 @@ class PostgresWarehouse:
                 if self._loaded_fingerprint(cur, load) == load.fingerprint:
                     conn.rollback()
                     return LoadResult(skipped=True)
-                columns = self._ensure_property_columns(cur, stream, stats, result)
+                # The probe for loaded messageIds must use the unique index: a table filled in
+                # this transaction has no statistics, and the planner would scan it whole.
+                cur.execute("SET LOCAL enable_seqscan = off")
                 cur.execute(sql.SQL("DELETE FROM {} WHERE _hour = %s").format(table), (load.hour,))
                 result.rows_replaced = cur.rowcount
-                cur.execute(_insert_statement(table, columns), {"hour": load.hour})
-                result.rows_loaded = cur.rowcount
-                result.staged = staged
-                result.duplicates_in_partition = staged - distinct
-                result.already_loaded = distinct - result.rows_loaded
+                columns = _PropertyColumns(self._column_types(cur, stream))
+                chunks = _chunks(records, stats, columns, load.hour)
+                for chunk in prefetch(chunks, name=f"read {stream}"):
+                    for column, kind in chunk.new_columns:
+                        cur.execute(
+                            sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                                table, sql.Identifier(column), sql.SQL(_SQL_TYPES[kind])
+                            )
+                        )
+                        result.new_columns.append(column)
+                    rows = self._not_loaded(cur, table, chunk)
+                    cur.copy_expert(
+                        sql.SQL("COPY {} ({}) FROM STDIN")
+                        .format(table, sql.SQL(", ").join(map(sql.Identifier, chunk.columns)))
+                        .as_string(cur),
+                        io.BytesIO(b"".join(rows)),
+                        1 << 20,
+                    )
+                    result.rows_loaded += len(rows)
+                    result.staged += chunk.records
+                late = columns.add(stats.property_kinds)
+                if late:
+                    self._add_late_columns(cur, table, load.hour, columns, late, result)
+                result.duplicates = result.staged - result.rows_loaded
                 self._record(cur, load, result, stats)
             conn.commit()
         return result
@@ -240,39 +255,64 @@ class PostgresWarehouse:
             conn.commit()
         self._tables.add(stream)
 
-    def _ensure_property_columns(
-        self, cur: Any, stream: Stream, stats: ReadStats, result: LoadResult
-    ) -> dict[str, tuple[str, str]]:
-        """Add a typed column for each new property; return every property column's kind."""
+    @staticmethod
+    def _add_late_columns(
+        cur: Any,
+        table: sql.Identifier,
+        hour: datetime,
+        columns: _PropertyColumns,
+        late: list[tuple[str, str]],
+        result: LoadResult,
+    ) -> None:
+        """Columns for properties first seen after the load's first records: added, and filled
+        from ``properties`` for the rows this load sent."""
+        for column, kind in late:
+            cur.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                    table, sql.Identifier(column), sql.SQL(_SQL_TYPES[kind])
+                )
+            )
+            result.new_columns.append(column)
+        props = {column: prop for prop, (column, _) in columns.chosen.items()}
+        assignments, tests = [], []
+        for column, kind in late:
+            literal = sql.Literal(props[column])
+            value = sql.SQL(_EXTRACT[kind]).format(
+                v=sql.SQL("properties->{}").format(literal),
+                t=sql.SQL("properties->>{}").format(literal),
+            )
+            assignments.append(sql.SQL("{} = {}").format(sql.Identifier(column), value))
+            tests.append(sql.SQL("properties ? {}").format(literal))
+        cur.execute(
+            sql.SQL("UPDATE {} SET {} WHERE _hour = %s AND ({})").format(
+                table, sql.SQL(", ").join(assignments), sql.SQL(" OR ").join(tests)
+            ),
+            (hour,),
+        )
+
+    @staticmethod
+    def _not_loaded(cur: Any, table: sql.Identifier, chunk: _Chunk) -> list[bytes]:
+        """The chunk's rows whose messageId the table does not hold yet."""
+        cur.execute(
+            sql.SQL("SELECT message_id FROM {} WHERE message_id = ANY(%s)").format(table),
+            (chunk.message_ids,),
+        )
+        loaded = {row[0] for row in cur.fetchall()}
+        if not loaded:
+            return chunk.rows
+        return [
+            row
+            for message_id, row in zip(chunk.message_ids, chunk.rows, strict=True)
+            if message_id not in loaded
+        ]
+
+    def _column_types(self, cur: Any, stream: Stream) -> dict[str, str]:
         cur.execute(
             "SELECT column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = %s AND table_name = %s",
             (stream.customer, stream.event),
         )
-        existing = {name: data_type for name, data_type in cur.fetchall()}
-        property_count = len(set(existing) - set(BASE_COLUMNS))
-        wanted = property_columns(stats.property_kinds)
-        columns: dict[str, tuple[str, str]] = {}
-        for prop, (column, kind) in sorted(wanted.items(), key=lambda item: item[1][0]):
-            if column in existing:
-                existing_kind = _KIND_OF_SQL_TYPE.get(existing[column])
-                if existing_kind is not None:
-                    columns[prop] = (column, existing_kind)
-                continue
-            if property_count >= MAX_PROPERTY_COLUMNS:
-                continue
-            cur.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                    sql.Identifier(stream.customer, stream.event),
-                    sql.Identifier(column),
-                    sql.SQL(_SQL_TYPES[kind]),
-                )
-            )
-            existing[column] = _SQL_TYPES[kind]
-            property_count += 1
-            result.new_columns.append(column)
-            columns[prop] = (column, kind)
-        return columns
+        return {name: data_type for name, data_type in cur.fetchall()}
 
     def _record(self, cur: Any, load: PartitionLoad, result: LoadResult, stats: ReadStats) -> None:
         files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
@@ -294,7 +334,7 @@ class PostgresWarehouse:
                 orjson.dumps(files).decode(),
                 stats.records_read,
                 result.rows_loaded,
-                result.duplicates_in_partition + result.already_loaded,
+                result.duplicates,
                 stats.quarantined,
                 orjson.dumps(result.new_columns).decode(),
                 load.run_id,
@@ -328,97 +368,215 @@ def _regclass(cur: Any, stream: Stream) -> str:
     return sql.Identifier(stream.customer, stream.event).as_string(cur)
 
 
-def _insert_statement(table: sql.Identifier, columns: dict[str, tuple[str, str]]) -> sql.Composed:
-    """INSERT the first copy of each message not already in the table, columns extracted."""
-    targets = list(LOADED_COLUMNS)
-    values: list[sql.Composable] = [
-        sql.SQL("s.message_id"),
-        sql.SQL("s.doc->>'userId'"),
-        sql.SQL("s.doc->>'anonymousId'"),
-        sql.SQL("s.doc->>'event'"),
-        sql.SQL("s.event_timestamp"),
-        sql.SQL("s.sent_at"),
-        sql.SQL("s.received_at"),
-        sql.SQL(
-            "CASE WHEN jsonb_typeof(s.doc->'properties') = 'object' THEN s.doc->'properties' END"
-        ),
-        sql.SQL("CASE WHEN jsonb_typeof(s.doc->'context') = 'object' THEN s.doc->'context' END"),
-        sql.SQL("%(hour)s"),
-        sql.SQL("s._source_key"),
-    ]
-    for prop, (column, kind) in sorted(columns.items(), key=lambda item: item[1][0]):
-        literal = sql.Literal(prop)
-        value = sql.SQL("s.doc->'properties'->{}").format(literal)
-        text = sql.SQL("s.doc->'properties'->>{}").format(literal)
-        targets.append(column)
-        values.append(sql.SQL(_EXTRACT[kind]).format(v=value, t=text))
-    return sql.SQL(
-        "INSERT INTO {table} ({targets}) SELECT DISTINCT ON (s.message_id) {values} "
-        "FROM _clickstream_staging s ORDER BY s.message_id, s._source_key, s._line "
-        "ON CONFLICT (message_id) DO NOTHING"
-    ).format(
-        table=table,
-        targets=sql.SQL(", ").join(sql.Identifier(t) for t in targets),
-        values=sql.SQL(", ").join(values),
-    )
+class _PropertyColumns:
+    """The table's flattened property columns, decided chunk by chunk.
+
+    A property gets its column, and the column its kind, in the first chunk where the property
+    appears, from the kinds seen up to the end of that chunk (so no earlier row of the load
+    holds it); a column that exists already keeps its type.
+    """
+
+    def __init__(self, existing: dict[str, str]) -> None:
+        self.existing = existing
+        self.chosen: dict[str, tuple[str, str]] = {}  # property -> (column, kind)
+        self._decided: set[str] = set()
+        self._count = len(set(existing) - set(BASE_COLUMNS))
+
+    def add(self, property_kinds: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
+        """Decide the properties seen for the first time; return the columns to add."""
+        new = {name: kinds for name, kinds in property_kinds.items() if name not in self._decided}
+        if not new:
+            return []
+        self._decided.update(new)
+        taken = {column for column, _ in self.chosen.values()}
+        added: list[tuple[str, str]] = []
+        for prop, (column, kind) in sorted(
+            property_columns(new).items(), key=lambda item: item[1][0]
+        ):
+            if column in taken:
+                continue
+            if column in self.existing:
+                existing_kind = _KIND_OF_SQL_TYPE.get(self.existing[column])
+                if existing_kind is not None:
+                    self.chosen[prop] = (column, existing_kind)
+                    taken.add(column)
+                continue
+            if self._count >= MAX_PROPERTY_COLUMNS:
+                continue
+            self._count += 1
+            self.existing[column] = _SQL_TYPES[kind]
+            self.chosen[prop] = (column, kind)
+            taken.add(column)
+            added.append((column, kind))
+        return added
 
 
-def _escape(value: bytes) -> bytes:
-    """Escape a value for COPY's text format."""
-    if b"\\" in value:
-        value = value.replace(b"\\", b"\\\\")
-    if b"\t" in value:
-        value = value.replace(b"\t", b"\\t")
-    if b"\r" in value:
-        value = value.replace(b"\r", b"\\r")
-    return value
+@dataclass(frozen=True)
+class _Chunk:
+    """Rows in COPY text format, each with its messageId, for the columns named."""
+
+    columns: tuple[str, ...]
+    new_columns: list[tuple[str, str]]
+    message_ids: list[str]
+    rows: list[bytes]
+    records: int  # valid records read, duplicates within the chunk included
 
 
-def _copy_rows(records: Iterable[tuple[str, ValidRecord]]) -> Iterator[bytes]:
-    null = b"\\N"
-    current_key = ""
-    escaped_key = b""
-    for source_key, record in records:
-        if source_key != current_key:
-            current_key, escaped_key = source_key, _escape(source_key.encode())
-        yield (
+def _chunks(
+    records: Iterable[tuple[str, ValidRecord]],
+    stats: ReadStats,
+    columns: _PropertyColumns,
+    hour: datetime,
+) -> Iterator[_Chunk]:
+    """The rows of ``records`` in chunks of CHUNK_RECORDS, first copies only within a chunk.
+
+    Columns for the properties of the first FIRST_RECORDS records are decided (from their kinds)
+    before any row is formatted; properties first seen later get theirs after the load's rows
+    are sent (see ``_add_late_columns``).
+    """
+    source = iter(records)
+    first = list(itertools.islice(source, FIRST_RECORDS))
+    writer = _ChunkWriter(columns, hour, columns.add(stats.property_kinds))
+    for source_key, record in itertools.chain(first, source):
+        writer.write(source_key, record)
+        if writer.records == CHUNK_RECORDS:
+            yield writer.flush()
+    if writer.records:
+        yield writer.flush()
+
+
+class _ChunkWriter:
+    """Formats rows as records arrive, for the property columns decided when it was made."""
+
+    def __init__(
+        self, columns: _PropertyColumns, hour: datetime, new_columns: list[tuple[str, str]]
+    ) -> None:
+        chosen = sorted(columns.chosen.items(), key=lambda item: item[1][0])
+        self.columns = (*LOADED_COLUMNS, *(column for _, (column, _) in chosen))
+        self.new_columns = new_columns
+        self._position = {prop: index for index, (prop, _) in enumerate(chosen)}
+        self._formats = [_FORMATS[kind] for _, (_, kind) in chosen]
+        self._empty = [_NULL] * len(chosen)
+        self._hour = hour.isoformat().encode()
+        self._key, self._escaped_key = "", b""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.message_ids: list[str] = []
+        self.rows: list[bytes] = []
+        self.records = 0
+        self._seen: set[str] = set()
+
+    def flush(self) -> _Chunk:
+        chunk = _Chunk(self.columns, self.new_columns, self.message_ids, self.rows, self.records)
+        self.new_columns = []
+        self._reset()
+        return chunk
+
+    def write(self, source_key: str, record: ValidRecord) -> None:
+        self.records += 1
+        message_id = record.message_id
+        if message_id in self._seen:
+            return
+        self._seen.add(message_id)
+        if source_key != self._key:
+            self._key, self._escaped_key = source_key, _escape(source_key.encode())
+        doc = record.doc
+        properties = doc.get("properties")
+        values = self._empty
+        if type(properties) is dict and self._position:
+            values = values.copy()
+            position, formats = self._position, self._formats
+            for prop, value in properties.items():
+                index = position.get(prop)
+                if index is not None:
+                    values[index] = formats[index](value)
+        self.message_ids.append(message_id)
+        self.rows.append(
             b"\t".join(
                 (
-                    _escape(record.message_id.encode()),
-                    record.received_at.isoformat().encode(),
-                    record.event_timestamp.isoformat().encode() if record.event_timestamp else null,
-                    record.sent_at.isoformat().encode() if record.sent_at else null,
-                    escaped_key,
-                    str(record.line).encode(),
-                    _escape(record.raw),
+                    _escape(message_id.encode()),
+                    _text(doc.get("userId")),
+                    _text(doc.get("anonymousId")),
+                    _text(doc.get("event")),
+                    record.event_timestamp.encode() if record.event_timestamp else _NULL,
+                    record.sent_at.encode() if record.sent_at else _NULL,
+                    record.received_at.encode(),
+                    _json(properties),
+                    _json(doc.get("context")),
+                    self._hour,
+                    self._escaped_key,
+                    *values,
                 )
             )
             + b"\n"
         )
 
 
-class _CopyReader:
-    """A file-like ``read(n)`` over an iterator of byte rows, for ``copy_expert``."""
+# --- values in COPY text format -----------------------------------------------------------------
 
-    def __init__(self, rows: Iterator[bytes]) -> None:
-        self._rows = rows
-        self._buffer = bytearray()
-        self.error: Exception | None = None
+_NULL = b"\\N"
+_SPECIAL = re.compile(rb"[\\\t\n\r]")
+_ESCAPES = {b"\\": b"\\\\", b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r"}
 
-    def read(self, size: int = -1) -> bytes:
-        target = size if size and size > 0 else 1 << 20
-        while len(self._buffer) < target:
-            try:
-                row = next(self._rows, None)
-            except Exception as error:
-                self.error = error
-                raise
-            if row is None:
-                break
-            self._buffer += row
-        chunk = bytes(self._buffer[:target])
-        del self._buffer[:target]
-        return chunk
 
-    def readline(self, size: int = -1) -> bytes:  # pragma: no cover - COPY reads in blocks
-        return self.read(size)
+def _escape(value: bytes) -> bytes:
+    """Escape a value for COPY's text format."""
+    if _SPECIAL.search(value) is None:
+        return value
+    return _SPECIAL.sub(lambda match: _ESCAPES[match[0]], value)
+
+
+def _text(value: object) -> bytes:
+    """A text column: strings as they are, other JSON values as JSON text, null as NULL."""
+    if value is None:
+        return _NULL
+    if type(value) is str:
+        return _escape(value.encode())
+    return _escape(dump_json(value))
+
+
+def _json(value: object) -> bytes:
+    """A jsonb column from a JSON object (anything else is NULL); only backslashes need escaping
+    in serialised JSON, which has no raw control characters."""
+    if type(value) is not dict:
+        return _NULL
+    dumped = dump_json(value)
+    return dumped.replace(b"\\", b"\\\\") if b"\\" in dumped else dumped
+
+
+# A flattened column holds a property's value when it is of the column's kind and in its type's
+# range; anything else is NULL there and stays in ``properties`` only.
+
+
+def _boolean(value: object) -> bytes:
+    return b"t" if value is True else b"f" if value is False else _NULL
+
+
+def _integer(value: object) -> bytes:
+    if type(value) is int and -(2**63) <= value < 2**63:
+        return str(value).encode()
+    return _NULL
+
+
+def _number(value: object) -> bytes:
+    kind = type(value)
+    if kind is float or kind is int or kind is Decimal:
+        number = float(value)  # type: ignore[arg-type]
+        if number == 0:
+            return b"0"
+        if 1e-300 <= abs(number) <= 1e300:
+            return repr(number).encode()
+    return _NULL
+
+
+def _string(value: object) -> bytes:
+    return _escape(value.encode()) if type(value) is str else _NULL
+
+
+_FORMATS = {
+    KIND_BOOLEAN: _boolean,
+    KIND_INTEGER: _integer,
+    KIND_NUMBER: _number,
+    KIND_STRING: _string,
+}

@@ -38,7 +38,9 @@ from clickstream_pipeline.records import (
     KIND_STRING,
     ReadStats,
     ValidRecord,
+    dump_json,
     parse_json,
+    timestamp_value,
     value_kind,
 )
 from clickstream_pipeline.warehouse.base import (
@@ -309,7 +311,7 @@ def load_statements(
         "loaded": f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
         "staging": staging_sql(columns),
         "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
-        "counts": f"SELECT COUNT(*), COUNT(DISTINCT message_id) FROM {STAGING}",
+        "counts": f"SELECT COUNT(*) FROM {STAGING}",
         "delete": f"DELETE FROM {table_name(stream)} WHERE _hour = %(hour)s",
         "insert": insert_sql(stream, columns),
         "forget": f"DELETE FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
@@ -375,11 +377,11 @@ def staged_row(
         "user_id": _text(record.get("userId")),
         "anonymous_id": _text(record.get("anonymousId")),
         "event_name": _text(record.get("event")),
-        "event_timestamp": valid.event_timestamp.isoformat() if valid.event_timestamp else None,
-        "sent_at": valid.sent_at.isoformat() if valid.sent_at else None,
-        "received_at": valid.received_at.isoformat(),
-        "properties": orjson.dumps(properties).decode() if isinstance(properties, dict) else None,
-        "context": orjson.dumps(context).decode() if isinstance(context, dict) else None,
+        "event_timestamp": _timestamp(valid.event_timestamp),
+        "sent_at": _timestamp(valid.sent_at),
+        "received_at": _timestamp(valid.received_at),
+        "properties": dump_json(properties).decode() if isinstance(properties, dict) else None,
+        "context": dump_json(context).decode() if isinstance(context, dict) else None,
         "_source_key": source_key,
         "_line": valid.line,
     }
@@ -393,7 +395,12 @@ def staged_row(
 def _text(value: object) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    return orjson.dumps(value).decode()
+    return dump_json(value).decode()
+
+
+def _timestamp(text: str | None) -> str | None:
+    """Normalised ISO-8601 (``+00:00``, microseconds), the form TIMEFORMAT 'auto' reads."""
+    return None if text is None else timestamp_value(text).isoformat()
 
 
 def _fits(value: object, kind: str) -> bool:
@@ -478,10 +485,9 @@ class RedshiftWarehouse:
     def rejection(self, record: ValidRecord) -> str | None:
         if len(record.raw) <= MAX_VARCHAR_BYTES:
             return None  # no part of the record can be larger than the record
-        document = parse_json(record.raw)
         for name in ("properties", "context"):
-            value = document.get(name)
-            if isinstance(value, dict) and len(orjson.dumps(value)) > MAX_VARCHAR_BYTES:
+            value = record.doc.get(name)
+            if isinstance(value, dict) and len(dump_json(value)) > MAX_VARCHAR_BYTES:
                 return (
                     f"{name} larger than {MAX_VARCHAR_BYTES} bytes, the most Redshift can stage "
                     "as VARCHAR before JSON_PARSE"
@@ -647,14 +653,13 @@ class RedshiftWarehouse:
                     f"{first_line(error)}{self._load_errors(conn)}"
                 ) from None
             cur.execute(sql["counts"])
-            staged_rows, distinct = cur.fetchone() or (0, 0)
+            (staged_rows,) = cur.fetchone() or (0,)
             cur.execute(sql["delete"], params)
             result.rows_replaced = cur.rowcount
             cur.execute(sql["insert"], params)
             result.rows_loaded = cur.rowcount
             result.staged = staged_rows
-            result.duplicates_in_partition = staged_rows - distinct
-            result.already_loaded = distinct - result.rows_loaded
+            result.duplicates = staged_rows - result.rows_loaded
             files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
             cur.execute(sql["forget"], params)
             cur.execute(
@@ -666,7 +671,7 @@ class RedshiftWarehouse:
                     "files": orjson.dumps(files).decode(),
                     "records_read": stats.records_read,
                     "rows_loaded": result.rows_loaded,
-                    "duplicates": result.duplicates_in_partition + result.already_loaded,
+                    "duplicates": result.duplicates,
                     "quarantined": stats.quarantined,
                     "new_columns": orjson.dumps(new_columns).decode(),
                     "run_id": load.run_id,
@@ -708,9 +713,9 @@ def _spool(records: Iterable[tuple[str, ValidRecord]], spool: IO[bytes]) -> None
                 source_key,
                 valid.message_id,
                 valid.line,
-                valid.received_at.isoformat(),
-                valid.event_timestamp.isoformat() if valid.event_timestamp else None,
-                valid.sent_at.isoformat() if valid.sent_at else None,
+                valid.received_at,
+                valid.event_timestamp,
+                valid.sent_at,
             ]
         )
         spool.write(header + b"\t" + valid.raw + b"\n")
@@ -721,15 +726,17 @@ def _unspool(spool: IO[bytes]) -> Iterator[tuple[str, ValidRecord, dict[str, Any
         header, _, raw = line.rstrip(b"\n").partition(b"\t")
         source_key, message_id, number, received, timestamp, sent = orjson.loads(header)
         record = parse_json(raw) if raw else {}
+        document = record if isinstance(record, dict) else {}
         yield (
             source_key,
             ValidRecord(
                 message_id=message_id,
-                received_at=datetime.fromisoformat(received),
-                event_timestamp=datetime.fromisoformat(timestamp) if timestamp else None,
-                sent_at=datetime.fromisoformat(sent) if sent else None,
+                received_at=received,
+                event_timestamp=timestamp,
+                sent_at=sent,
                 line=number,
                 raw=raw,
+                doc=document,
             ),
-            record if isinstance(record, dict) else {},
+            document,
         )
