@@ -152,7 +152,8 @@ def test_constraints_pin_every_runtime_requirement() -> None:
         for text in importlib.metadata.requires("clickstream_pipeline") or []
         if "extra ==" not in text
     ]
-    assert len(runtime) == 15
+    names = {re.sub(r"[-_.]+", "-", requirement.name).lower() for requirement in runtime}
+    assert {"dagster", "dagster-postgres", "dagster-k8s", "boto3", "psycopg2-binary"} <= names
     for requirement in runtime:
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
