@@ -40,7 +40,7 @@ def instance_yaml() -> str:
 @contextmanager
 def daemon(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """``dagster-daemon run`` in a process group of its own (its code server and run workers
-    join it), logging to ``log``, stopped at the end if it is still alive."""
+    join it), logging to ``log``; whatever is left of the group is stopped at the end."""
     with log.open("wb") as output:
         process = subprocess.Popen(
             [
@@ -57,9 +57,11 @@ def daemon(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(60)
+        members = group_members(process.pid)
+        for member in members:
+            member.terminate()
+        psutil.wait_procs(members, timeout=60)
+        process.wait(60)
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -128,3 +130,36 @@ def test_a_daemon_killed_mid_run_is_retried_to_an_exact_load(
         )
     assert len(message_ids(url, stream)) == 100_000
     assert query(url, ledger_rows, (str(stream),)) == [(1,)]
+
+
+def test_a_daemon_killed_alone_mid_run_leaves_the_run_to_finish(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 100_000, files=2, seed=22)
+    YamlFileRegistry(registry_path).save(Registry().with_streams([stream]))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(instance_yaml())
+    env = {**os.environ, **pipeline, "DAGSTER_HOME": str(home)}
+
+    with (
+        dg.DagsterInstance.from_config(str(home)) as instance,
+        daemon(env, tmp_path / "daemon.log") as alone,
+    ):
+        _copy_backend(url, timeout=90)
+        alone.send_signal(signal.SIGKILL)  # the daemon only: its code server and worker live on
+        alone.wait(30)
+        deadline = time.monotonic() + 60
+        runs = load_runs(instance)
+        while time.monotonic() < deadline and not (runs and runs[0].is_finished):
+            time.sleep(1)
+            runs = load_runs(instance)
+
+        assert [(run.status, run.tags.get(RETRY_NUMBER_TAG)) for run in runs] == [
+            (dg.DagsterRunStatus.SUCCESS, None)
+        ]
+    assert len(message_ids(url, stream)) == 100_000
+    assert query(
+        url, "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s", (str(stream),)
+    ) == [(1,)]
