@@ -1,5 +1,6 @@
-"""The Dagster daemon's whole process group SIGKILLed mid-run, then restarted: run monitoring fails
-the orphaned run, run retries re-run it, and the rows end exact and unique."""
+"""The Dagster daemon SIGKILLed mid-run: with its whole process group, then restarted (run
+monitoring fails the orphaned run, run retries re-run it), or alone (the run finishes). Either
+way the rows end exact and unique."""
 
 from __future__ import annotations
 
