@@ -450,7 +450,9 @@ class StallingS3:
         threading.Thread(target=serve, daemon=True).start()
 
     def close(self) -> None:
+        # Returns once the server is serving (after the hold) and has stopped.
         self.server.shutdown()
+        self.server.server_close()
 
 
 def retried_errors(client: S3Client) -> list[str]:
