@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo dev test lint typecheck unit bench clean
+.PHONY: install demo dev test lint typecheck unit bench audit clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: install  ## clickstream bench: data plane, orchestration, skew, scale; wr
 	$(BIN)/pip check
 	$(BIN)/clickstream bench
 	$(BIN)/python benchmarks/bench_generate.py
+
+# Not part of `test`: pip-audit needs a vulnerability service (PyPI's per-version JSON API or
+# OSV), which CI here cannot reach (docs/reliability.md). --strict fails rather than passing when
+# a dependency could not be checked.
+audit: install  ## pip-audit of the installed dependencies against PyPI's vulnerability data
+	$(BIN)/pip install --quiet --disable-pip-version-check 'pip-audit>=2.10,<3'
+	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) .clickstream .pytest_cache .mypy_cache .ruff_cache

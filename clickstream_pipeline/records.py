@@ -270,7 +270,9 @@ def iter_lines(source: IO[bytes] | Any, compressed: bool) -> Iterator[tuple[int,
             line = chunk.rstrip(b"\r\n")
             if line.strip():
                 yield number, line
-    except (OSError, EOFError, zlib.error) as error:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        # The file's content only: a read failing on the network (botocore's read timeout is an
+        # OSError too) must fail the load, to be retried, not quarantine the rest of the file.
         raise UnreadableFile(number + 1, _describe_read_error(error)) from None
 
 

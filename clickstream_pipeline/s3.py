@@ -16,20 +16,30 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 DEFAULT_MAX_ATTEMPTS = 10
+# Explicit, so a hung connect or a stalled response fails and is retried instead of waiting on:
+# the read timeout bounds each wait for bytes (not a whole download), so big files are unaffected.
+CONNECT_TIMEOUT_SECONDS = 10.0
+READ_TIMEOUT_SECONDS = 60.0
 
 
-def s3_client(endpoint_url: str | None = None, max_attempts: int | None = None) -> S3Client:
+def s3_client(
+    endpoint_url: str | None = None,
+    max_attempts: int | None = None,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    read_timeout: float = READ_TIMEOUT_SECONDS,
+) -> S3Client:
     """A thread-safe S3 client; boto3 reads AWS_ENDPOINT_URL and credentials from the env.
 
-    Botocore's adaptive mode retries throttling (503 Slow Down), 5xx and connection errors with
-    exponential backoff and jitter; AWS_MAX_ATTEMPTS overrides the attempt count.
+    Botocore's adaptive mode retries throttling (503 Slow Down), 5xx, connection errors and
+    timeouts with exponential backoff and jitter; AWS_MAX_ATTEMPTS overrides the attempt count.
     """
     attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
     config = Config(
         retries={"max_attempts": attempts, "mode": "adaptive"},
         max_pool_connections=32,
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
     )
     client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
     client.meta.events.register("before-send.s3", count_s3_request)

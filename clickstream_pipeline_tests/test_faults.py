@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import dagster as dg
@@ -26,6 +28,9 @@ from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
 from clickstream_pipeline_tests.helpers import message_ids, query, recent_hour, run_cli
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 H1 = recent_hour(3)
 
@@ -349,3 +354,169 @@ def test_an_s3_server_restart_during_a_load_is_retried_to_an_exact_load(
 
     assert restarted.is_set() and outcome.rows_loaded == 40_000
     assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 40_000
+
+
+class StallingS3:
+    """A proxy in front of the local S3 server that stalls as a sick network or S3 node does.
+
+    For the first ``hold_seconds`` no connection is accepted: the listen backlog is kept full,
+    so connects hang. Then the first ``header_stalls`` reads of a raw file get no answer at all,
+    and the next ``body_stalls`` get their headers and half their body, then nothing; each
+    stall lasts ``stall_seconds`` before the proxy drops the connection.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        hold_seconds: float = 0.0,
+        header_stalls: int = 0,
+        body_stalls: int = 0,
+        stall_seconds: float = 5.0,
+    ) -> None:
+        self.upstream = urlsplit(upstream)
+        self.header_stalls = header_stalls
+        self.body_stalls = body_stalls
+        self.stall_seconds = stall_seconds
+        self.reads = 0
+        self.stalled: list[str] = []
+        self.first_accept: float | None = None
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                with proxy._lock:
+                    if proxy.first_accept is None:
+                        proxy.first_accept = time.monotonic()
+                    stall = None
+                    if self.command == "GET" and "/raw/" in self.path and "?" not in self.path:
+                        proxy.reads += 1
+                        if proxy.reads <= proxy.header_stalls:
+                            stall = "header"
+                        elif proxy.reads <= proxy.header_stalls + proxy.body_stalls:
+                            stall = "body"
+                    if stall:
+                        proxy.stalled.append(stall)
+                if stall == "header":
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                connection = http.client.HTTPConnection(proxy.upstream.netloc)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = proxy.upstream.netloc
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                connection.request(self.command, self.path, body=body, headers=headers)
+                response = connection.getresponse()
+                data = response.read()
+                connection.close()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                if stall == "body":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 0  # one pending connection fills the backlog
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{port}"
+        # The one pending connection that keeps every other connect hanging until served.
+        filler = socket.create_connection(("127.0.0.1", port))
+
+        def serve() -> None:
+            time.sleep(hold_seconds)
+            filler.close()
+            self.server.serve_forever()
+
+        self.started = time.monotonic()
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        # Returns once the server is serving (after the hold) and has stopped.
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def retried_errors(client: S3Client) -> list[str]:
+    """The errors botocore's retry handler sees on ``client`` (each is retried or raised)."""
+    seen: list[str] = []
+
+    def record(caught_exception: BaseException | None = None, **_: object) -> None:
+        if caught_exception is not None:
+            seen.append(type(caught_exception).__name__)
+
+    client.meta.events.register_first("needs-retry.s3", record)
+    return seen
+
+
+def test_s3_connects_that_hang_are_retried_to_an_exact_load(
+    pipeline: dict[str, str], customer: str
+) -> None:
+    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 4000, files=4, seed=17)
+    proxy = StallingS3(pipeline["AWS_ENDPOINT_URL"], hold_seconds=3.0)
+    client = s3_client(proxy.url, connect_timeout=0.5, read_timeout=2)
+    errors = retried_errors(client)
+    store = RawStore(client, pipeline["CLICKSTREAM_BUCKET"], "raw")
+    try:
+        outcome = load_partition(
+            store, PostgresWarehouse(pipeline["CLICKSTREAM_WAREHOUSE_URL"]), stream, H1
+        )
+    finally:
+        proxy.close()
+
+    # Connects timed out while the proxy held them, and botocore backed off and tried again.
+    assert errors and set(errors) == {"ConnectTimeoutError"}, errors
+    assert proxy.first_accept is not None and proxy.first_accept - proxy.started >= 3.0
+    assert outcome.rows_loaded == 4000 and outcome.quarantined == 0
+    assert len(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == 4000
+
+
+def test_s3_reads_that_stall_are_retried_to_an_exact_load(
+    pipeline: dict[str, str], customer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 40_000, files=4, seed=18)
+    proxy = StallingS3(
+        pipeline["AWS_ENDPOINT_URL"], header_stalls=2, body_stalls=1, stall_seconds=4.0
+    )
+    client = s3_client(proxy.url, connect_timeout=1, read_timeout=1)
+    errors = retried_errors(client)
+    store = RawStore(client, pipeline["CLICKSTREAM_BUCKET"], "raw")
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    try:
+        with caplog.at_level("WARNING", logger="clickstream_pipeline.loader"):
+            outcome = with_retries(
+                lambda: load_partition(store, PostgresWarehouse(url), stream, H1),
+                base_delay=0.05,
+                describe="load",
+            )
+    finally:
+        proxy.close()
+
+    assert proxy.stalled == ["header", "header", "body"]
+    # A read with no answer is retried by botocore; a body that stops half-way fails the load
+    # (its transaction rolls back) and the load is retried, never quarantined as unreadable.
+    assert errors == ["ReadTimeoutError", "ReadTimeoutError"]
+    [retry] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert retry.startswith("load failed (attempt 1 of 4), retrying in ")
+    assert "Read timeout on endpoint URL" in retry
+    assert outcome.rows_loaded == 40_000 and outcome.quarantined == 0
+    assert outcome.quarantine_keys == []
+    assert len(message_ids(url, stream)) == 40_000

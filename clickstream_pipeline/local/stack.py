@@ -25,11 +25,22 @@ DEFAULT_ROOT = Path(".clickstream")
 DEFAULT_BUCKET = "clickstream-local"
 DEFAULT_DATABASE = "clickstream"
 
-# The local Dagster instance: runs retried once by the daemon, no telemetry.
+# The local Dagster instance: runs retried once by the daemon, run monitoring on, no telemetry.
+# A run worker is a child of the code server the daemon starts, so losing the daemon's process
+# group kills it too and leaves its run STARTED: the default run launcher cannot check a worker's
+# health, so only the runtime limit fails such a run (then run_retries re-runs it). The limit sits
+# far above a batch load's runtime; docs/reliability.md explains the choice.
 DAGSTER_YAML = """\
 run_retries:
   enabled: true
   max_retries: 1
+run_monitoring:
+  enabled: true
+  start_timeout_seconds: 180
+  cancel_timeout_seconds: 180
+  max_runtime_seconds: 3600
+  max_resume_run_attempts: 0
+  poll_interval_seconds: 60
 telemetry:
   enabled: false
 """
