@@ -691,6 +691,7 @@ class RedshiftWarehouse:
             result.already_loaded = distinct - result.rows_loaded
             files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
             cur.execute(sql["forget"], params)
+            seconds, files_read, bytes_read = load.ledger_figures()
             cur.execute(
                 sql["record"],
                 {
@@ -704,7 +705,9 @@ class RedshiftWarehouse:
                     "quarantined": stats.quarantined,
                     "new_columns": orjson.dumps(new_columns).decode(),
                     "run_id": load.run_id,
-                    **dict(zip(("seconds", "files_read", "bytes_read"), load.ledger_figures())),
+                    "seconds": seconds,
+                    "files_read": files_read,
+                    "bytes_read": bytes_read,
                 },
             )
         conn.commit()
