@@ -84,9 +84,18 @@ CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.{LEDGER_TABLE} (
     PRIMARY KEY (stream, hour)
 );
 -- Ledgers created before these columns existed get them (NULL for the hours loaded then).
-ALTER TABLE {LEDGER_SCHEMA}.{LEDGER_TABLE} ADD COLUMN IF NOT EXISTS seconds double precision;
-ALTER TABLE {LEDGER_SCHEMA}.{LEDGER_TABLE} ADD COLUMN IF NOT EXISTS files_read bigint;
-ALTER TABLE {LEDGER_SCHEMA}.{LEDGER_TABLE} ADD COLUMN IF NOT EXISTS bytes_read bigint
+-- Only then: ALTER TABLE locks the ledger exclusively, even when it adds nothing, and would
+-- queue behind every load in progress.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = '{LEDGER_SCHEMA}' AND table_name = '{LEDGER_TABLE}'
+                   AND column_name = 'bytes_read') THEN
+        ALTER TABLE {LEDGER_SCHEMA}.{LEDGER_TABLE}
+            ADD COLUMN IF NOT EXISTS seconds double precision,
+            ADD COLUMN IF NOT EXISTS files_read bigint,
+            ADD COLUMN IF NOT EXISTS bytes_read bigint;
+    END IF;
+END $$
 """
 
 _TABLE_DDL = """
