@@ -171,7 +171,7 @@ def test_pending_and_failed_partitions_come_from_the_runs(
             job, run_config=run_config_for([f"{H2:%Y-%m-%d-%H}:00|{stream}"])
         )
         instance.report_run_failed(died)
-        # Not started yet: pending. It also names `good`, which is then pending, not loaded-or-failed.
+        # Not started yet: pending. It names `good` too, which is then pending, not failed.
         queued = [f"{hour:%Y-%m-%d-%H}:00|{stream}" for hour in (recent_hour(5), recent_hour(4))]
         instance.create_run_for_job(
             job, run_config=run_config_for([*queued, good]), status=dg.DagsterRunStatus.NOT_STARTED
