@@ -159,6 +159,10 @@ def test_prometheus_scrapes_the_exact_event_counts_of_a_demo_load(
             + urllib.parse.urlencode({"query": "sum(clickstream_partitions_loaded_total)"})
         )["data"]["result"]
         assert [int(float(total[0]["value"][1]))] == [9 * 3]
+        # Every query of the Grafana dashboard is valid PromQL and evaluates on this server.
+        for expr in dashboard_queries():
+            answer = get_json(f"{api}/query?" + urllib.parse.urlencode({"query": expr}))
+            assert answer["status"] == "success", (expr, answer)
     finally:
         for process in (prometheus, exporter):
             process.terminate()
@@ -168,3 +172,15 @@ def test_prometheus_scrapes_the_exact_event_counts_of_a_demo_load(
 def table_rows(url: str, stream: str) -> int:
     customer, event = stream.split(".")
     return int(query(url, f'SELECT count(*) FROM "{customer}"."{event}"')[0][0])
+
+
+def dashboard_queries() -> list[str]:
+    """The dashboard's PromQL with Grafana's variables filled in as Grafana would."""
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy/grafana/clickstream.json").read_text()
+    )
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return [
+        expr.replace("$stream", ".*").replace("$__rate_interval", "1m").replace("$__range", "1h")
+        for expr in exprs
+    ]
