@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -15,6 +20,7 @@ import psycopg2
 import pytest
 
 from clickstream_pipeline.alerts import (
+    MAX_RUNTIME_TAG,
     AlertResource,
     load_failure_alert_sensor,
     max_runtime_tags,
@@ -259,3 +265,95 @@ def test_load_runs_carry_max_runtime_for_run_monitoring(
         "CLICKSTREAM_LOAD_MAX_RUNTIME_SECONDS must be a positive number of seconds or a factor: "
         "'an hour'"
     )
+
+
+# What the daemon needs to enforce dagster/max_runtime: run monitoring (dev's and production's
+# dagster.yaml need `run_monitoring: {enabled: true}`); a fast poll keeps this test short.
+MONITORED_DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 1
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+
+
+def test_run_monitoring_stops_a_load_past_max_runtime_and_the_failure_alert_says_why(
+    pipeline: dict[str, str], customer: str, receiver: Receiver, tmp_path: Path
+) -> None:
+    stream = Stream(customer, "page_view")
+    bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    hour = recent_hour(5)
+    put_file(bucket, stream, hour, "a", [record("h1", hour)])
+    load_partition(RawStore(s3_client(), bucket, "raw"), PostgresWarehouse(url), stream, hour)
+    put_file(bucket, stream, H3, "a", [record("m1", H3)])
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(MONITORED_DAGSTER_YAML)
+    with dg.DagsterInstance.from_config(str(home)):
+        pass  # create its storage once, before two processes race to
+    env = {
+        **os.environ,
+        **pipeline,
+        "DAGSTER_HOME": str(home),
+        "CLICKSTREAM_ALERT_WEBHOOK": receiver.url,
+        "CLICKSTREAM_UI_URL": "https://dagster.example",
+    }
+    bin_dir = Path(sys.executable).parent
+    daemon = subprocess.Popen(
+        [str(bin_dir / "dagster-daemon"), "run", "-m", "clickstream_pipeline.definitions"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "daemon.log").open("w"),
+        start_new_session=True,
+    )
+    blocker = psycopg2.connect(url)
+    try:
+        with blocker.cursor() as cur:  # the load must write this table: it waits, for ever
+            cur.execute(f'LOCK TABLE "{customer}"."page_view" IN ACCESS EXCLUSIVE MODE')
+        config = run_config_for([f"{H3:%Y-%m-%d-%H}:00|{stream}"])
+        launched = subprocess.run(
+            [
+                str(bin_dir / "dagster"), "job", "launch", "-m", "clickstream_pipeline.definitions",
+                "-j", LOAD_JOB, "--config-json", json.dumps(config),
+                "--tags", json.dumps({MAX_RUNTIME_TAG: "3"}),
+            ],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert launched.returncode == 0, launched.stderr
+        deadline = time.monotonic() + 180
+        mine: list[dict[str, Any]] = []
+        while not mine:
+            assert time.monotonic() < deadline, "no failure alert"
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(1)
+            # The daemon runs every sensor: the freshness sensor may report other streams.
+            mine = [
+                m["clickstream"]
+                for m in receiver.messages
+                if m["clickstream"]["kind"] in ("load_failed", "slow_load")
+            ]
+    finally:
+        blocker.rollback()
+        blocker.close()
+        os.killpg(daemon.pid, signal.SIGINT)
+        daemon.wait(60)
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        [run] = instance.get_runs()
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert run.tags[MAX_RUNTIME_TAG] == "3"
+    [alert] = mine
+    assert {k: alert[k] for k in ("kind", "run_id", "stream", "reason", "link")} == {
+        "kind": "load_failed",
+        "run_id": run.run_id,
+        "stream": str(stream),
+        "reason": "Exceeded maximum runtime of 3 seconds.",
+        "link": f"https://dagster.example/runs/{run.run_id}",
+    }
