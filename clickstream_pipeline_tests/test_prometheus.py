@@ -64,7 +64,7 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float 
                     return
         except OSError:
             pass
-        assert process.poll() is None, f"{process.args[0]} exited with {process.returncode}"
+        assert process.poll() is None, f"{url}: the server exited with {process.returncode}"
         assert time.monotonic() < deadline, f"{url} not ready after {timeout} s"
         time.sleep(0.3)
 
