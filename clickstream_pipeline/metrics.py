@@ -5,9 +5,9 @@ after restarts.
 Label cardinality: one ``stream`` label value per stream in the ledger or in recent load runs
 (customers x events), one ``daemon`` value per Dagster daemon type and one ``sensor`` value per
 sensor of this code location. No label carries hours, run ids or file names. Per stream there are
-9 series plus 10 for the load duration histogram (7 bounded buckets, +Inf, sum, count) and 2 for
-pending and failed partitions: 21 series, so 2,000 streams make about 42,000 series.
-docs/operations.md lists every metric.
+8 series, 10 for the load duration histogram (7 bounded buckets, +Inf, sum, count) and 2 for
+pending and failed partitions: 20, so 2,000 streams make about 40,000 series (a scrape of that,
+over a 96,000-row ledger and 100 runs, took 0.7-0.9 s here). docs/operations.md lists them all.
 """
 
 from __future__ import annotations
