@@ -513,14 +513,26 @@ def _print_demo(
     show_default=True,
     help="Write a few hours of synthetic events to start with.",
 )
-def dev(root: str, port: int, sample: bool) -> None:
-    """Run the embedded stack with the Dagster UI and daemon, sensors on.
+@click.option(
+    "--metrics-port",
+    default=9108,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the Prometheus /metrics endpoint on 127.0.0.1.",
+)
+def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
+    """Run the embedded stack with the Dagster UI and daemon, sensors on, and /metrics.
 
     Prints the variables that point other terminals at the same stack (for example to run
     'clickstream generate' or 'clickstream registry add' while the sensors watch).
     """
     with LocalStack(root) as env:
         os.environ.update(env)
+        try:
+            _serve_metrics("127.0.0.1", metrics_port)
+        except ClickstreamError as error:
+            # The UI and the sensors matter more here than the endpoint: go on without it.
+            err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
         if sample:
             spec = GeneratorSpec(
                 customers=2,
@@ -541,7 +553,10 @@ def dev(root: str, port: int, sample: bool) -> None:
             )
         for name, value in env.items():
             err.print(f"export {name}={shlex.quote(value)}", markup=False)
-        err.print(f"Dagster UI on http://127.0.0.1:{port} (Ctrl-C stops everything)")
+        err.print(
+            f"Dagster UI on http://127.0.0.1:{port}, metrics on "
+            f"http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops everything)"
+        )
         dagster = Path(sys.executable).parent / "dagster"
         command = [
             str(dagster),
@@ -567,7 +582,15 @@ def dev(root: str, port: int, sample: bool) -> None:
 def metrics(host: str, port: int) -> None:
     """Serve Prometheus metrics on /metrics until stopped, computed from the load ledger and
     the Dagster instance at each scrape (events loaded, duplicates, quarantined, lag per
-    stream; daemon heartbeat ages)."""
+    stream; load durations, files and bytes; pending and failed partitions; sensor tick and
+    daemon heartbeat ages). docs/operations.md lists every metric."""
+    _serve_metrics(host, port)
+    err.print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C stops)")
+    _wait_for_interrupt()
+
+
+def _serve_metrics(host: str, port: int) -> None:
+    """Serve /metrics from a background thread of this process."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from clickstream_pipeline.metrics import PipelineCollector
@@ -576,9 +599,12 @@ def metrics(host: str, port: int) -> None:
     WarehouseResource().warehouse()  # a missing or bad URL is a clear error now, not at scrape
     registry = CollectorRegistry()
     registry.register(PipelineCollector(lambda: WarehouseResource().warehouse()))
-    start_http_server(port, addr=host, registry=registry)
-    err.print(f"serving metrics on http://{host}:{port}/metrics (Ctrl-C stops)")
-    _wait_for_interrupt()
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise ClickstreamError(
+            f"cannot serve metrics on {host}:{port}: {error.strerror or error}"
+        ) from None
 
 
 @cli.command()

@@ -5,6 +5,7 @@ import dagster as dg
 from clickstream_pipeline.alerts import (
     AlertResource,
     load_failure_alert_sensor,
+    slow_load_alert_sensor,
     stream_freshness_alert_sensor,
 )
 from clickstream_pipeline.assets import raw_events, warehouse_events
@@ -23,6 +24,7 @@ defs = dg.Definitions(
         registry_sync_sensor,
         s3_discovery_sensor,
         load_failure_alert_sensor,
+        slow_load_alert_sensor,
         stream_freshness_alert_sensor,
     ],
     resources={

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from clickstream_pipeline.alerts import max_runtime_tags
 from clickstream_pipeline.discovery import PendingPartition, list_streams, pending_partitions
 from clickstream_pipeline.jobs import PARTITIONS_TAG, load_partitions_job, run_config_for
 from clickstream_pipeline.names import Stream
@@ -146,7 +147,7 @@ def batch_requests(
             dg.RunRequest(
                 run_key=f"{now:%Y%m%dT%H%M%S}-{start // discovery.batch_size}",
                 run_config=run_config_for(keys, discovery.concurrency),
-                tags={PARTITIONS_TAG: str(len(keys))},
+                tags={PARTITIONS_TAG: str(len(keys)), **max_runtime_tags()},
             )
         )
     return runs

@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from clickstream_pipeline_tests.helpers import free_port, outside_env
 
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName } } } }"
@@ -28,7 +30,7 @@ def graphql(port: int, query: str) -> Any:
 
 
 def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -39,6 +41,8 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
             str(tmp_path),
             "--port",
             str(port),
+            "--metrics-port",
+            str(metrics_port),
         ],
         cwd=tmp_path,
         env=outside_env(),
@@ -67,6 +71,19 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
         )["data"]["assetNodeOrError"]["partitionStats"]["numMaterialized"]
         # The sample: 2 customers x 3 events x 3 completed hours.
         assert materialized == 18
+        # The stack serves /metrics: the same hours, and the daemon's sensors ticking.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            families = list(text_string_to_metric_families(response.read().decode()))
+        samples = [sample for family in families for sample in family.samples]
+        loaded = [s for s in samples if s.name == "clickstream_partitions_loaded_total"]
+        assert sum(s.value for s in loaded) == 18
+        ticks = {
+            s.labels["sensor"]: s.value
+            for s in samples
+            if s.name == "clickstream_sensor_tick_age_seconds"
+        }
+        assert {"registry_sync_sensor", "s3_discovery_sensor"} <= set(ticks)
+        assert all(0 <= age < 120 for age in ticks.values())
     finally:
         os.killpg(process.pid, signal.SIGINT)
         process.wait(60)

@@ -159,17 +159,20 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     )
     sent = [statement for statement, _ in engine.statements]
     assert first.new_columns == ["product_id", "quantity"]
-    assert sent[:2] == [
+    assert sent[:3] == [
         'CREATE SCHEMA IF NOT EXISTS "clickstream"',
         'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, '
         "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
         "fingerprint VARCHAR(64) NOT NULL, files VARCHAR(65535) NOT NULL, "
         "records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, "
         "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
-        "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY (stream, hour)) "
+        "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
+        "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
         "DISTSTYLE ALL SORTKEY (stream, hour)",
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = 'clickstream' AND table_name = 'load_ledger'",
     ]
-    assert sent[2:] == [
+    assert sent[3:] == [
         ledger_check,
         f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"',
         f"CREATE TABLE IF NOT EXISTS {table} (message_id VARCHAR(256) NOT NULL, user_id "
@@ -207,9 +210,10 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "s.message_id)",
         'DELETE FROM "clickstream"."load_ledger" WHERE stream = %(stream)s AND hour = %(hour)s',
         'INSERT INTO "clickstream"."load_ledger" (stream, hour, load_id, fingerprint, files, '
-        "records_read, rows_loaded, duplicates, quarantined, new_columns, run_id) VALUES "
-        "(%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, %(files)s, %(records_read)s, "
-        "%(rows_loaded)s, %(duplicates)s, %(quarantined)s, %(new_columns)s, %(run_id)s)",
+        "records_read, rows_loaded, duplicates, quarantined, new_columns, run_id, seconds, "
+        "files_read, bytes_read) VALUES (%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, "
+        "%(files)s, %(records_read)s, %(rows_loaded)s, %(duplicates)s, %(quarantined)s, "
+        "%(new_columns)s, %(run_id)s, %(seconds)s, %(files_read)s, %(bytes_read)s)",
     ]
     assert [p for _, p in engine.statements if p == params][:1] == [params]
 
@@ -222,6 +226,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     assert kinds == [
         "CREATE",
         "CREATE",
+        "SELECT",
         "SELECT",
         "CREATE",
         "CREATE",
@@ -412,3 +417,55 @@ def test_properties_beyond_the_varchar_limit_are_quarantined(
         "JSON_PARSE",
     )
     assert orjson.loads(entry["raw"])["messageId"] == "big"
+
+
+OLD_LEDGER_DDL = (
+    'CREATE TABLE "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, hour TIMESTAMPTZ '
+    "NOT NULL, load_id VARCHAR(64) NOT NULL, fingerprint VARCHAR(64) NOT NULL, files "
+    "VARCHAR(65535) NOT NULL, records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, "
+    "duplicates BIGINT NOT NULL, quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT "
+    "NULL, run_id VARCHAR(64), loaded_at TIMESTAMPTZ NOT NULL DEFAULT now(), "
+    "PRIMARY KEY (stream, hour))"
+)
+
+
+def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
+    pipeline: dict[str, str], local_stack: dict[str, str], stream: Stream
+) -> None:
+    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS redshift_old_ledger WITH (FORCE)")
+        cur.execute("CREATE DATABASE redshift_old_ledger")
+    conn.close()
+    old = url.replace("/clickstream?", "/redshift_old_ledger?")
+    install_shims(old)
+    with psycopg2.connect(old) as setup, setup.cursor() as cur:
+        cur.execute('CREATE SCHEMA "clickstream"')
+        cur.execute(OLD_LEDGER_DDL)
+        cur.execute(
+            'INSERT INTO "clickstream"."load_ledger" VALUES '
+            "(%s, %s, 'l1', 'fp', '[]', 3, 3, 0, 0, '[]', NULL)",
+            (str(stream), H2),
+        )
+    setup.close()
+    engine = RedshiftOnPostgres(old)
+    pipeline["CLICKSTREAM_WAREHOUSE_URL"] = old
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+
+    load(pipeline, redshift(pipeline, engine), stream, H1)
+
+    sent = [statement for statement, _ in engine.statements]
+    assert sent[3:6] == [
+        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN seconds DOUBLE PRECISION',
+        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN files_read BIGINT',
+        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN bytes_read BIGINT',
+    ]
+    rows = query(
+        old,
+        'SELECT hour, seconds IS NOT NULL, files_read, bytes_read > 0 FROM "clickstream".'
+        '"load_ledger" WHERE stream = %s ORDER BY hour',
+        (str(stream),),
+    )
+    assert rows == [(H1, True, 1, True), (H2, False, None, None)]

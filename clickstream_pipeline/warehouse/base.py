@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -72,6 +73,12 @@ class PartitionLoad:
     files: tuple[SourceFile, ...]
     fingerprint: str
     run_id: str | None = None
+    # When the load began (perf_counter): the ledger records the seconds up to its commit.
+    began: float = field(default_factory=time.perf_counter, compare=False)
+
+    def ledger_figures(self) -> tuple[float, int, int]:
+        """The ledger's ``seconds``, ``files_read`` and ``bytes_read`` for this load."""
+        return time.perf_counter() - self.began, len(self.files), sum(f.size for f in self.files)
 
 
 @dataclass
@@ -100,9 +107,15 @@ class LedgerEntry:
     loaded_at: datetime
 
 
+# Upper bounds (seconds) of the load duration histogram's buckets; +Inf is implied.
+LOAD_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0)
+
+
 @dataclass(frozen=True)
 class StreamTotals:
-    """What the ledger says about one stream, over every loaded hour."""
+    """What the ledger says about one stream, over every loaded hour (hours loaded before the
+    ledger had ``seconds``, ``files_read`` and ``bytes_read`` count as 0 files and bytes and are
+    left out of the duration figures)."""
 
     stream: str
     partitions: int
@@ -111,12 +124,28 @@ class StreamTotals:
     duplicates: int
     quarantined: int
     newest_hour: datetime
+    files_read: int = 0
+    bytes_read: int = 0
+    timed: int = 0  # hours whose load duration is known
+    seconds: float = 0.0  # their load seconds, summed
+    seconds_buckets: tuple[int, ...] = ()  # cumulative counts per LOAD_SECONDS_BUCKETS bound
 
 
 # The ledger, summed per stream; the same text on PostgreSQL and Redshift.
 STREAM_TOTALS_SQL = (
     "SELECT stream, COUNT(*), SUM(records_read), SUM(rows_loaded), SUM(duplicates), "
-    "SUM(quarantined), MAX(hour) FROM clickstream.load_ledger GROUP BY stream ORDER BY stream"
+    "SUM(quarantined), MAX(hour), COALESCE(SUM(files_read), 0), COALESCE(SUM(bytes_read), 0), "
+    "COUNT(seconds), COALESCE(SUM(seconds), 0), "
+    + ", ".join(
+        f"SUM(CASE WHEN seconds <= {bound:g} THEN 1 ELSE 0 END)" for bound in LOAD_SECONDS_BUCKETS
+    )
+    + " FROM clickstream.load_ledger GROUP BY stream ORDER BY stream"
+)
+# The load seconds of each stream's most recent hours (newest first); the same text on both.
+RECENT_SECONDS_SQL = (
+    "SELECT stream, seconds FROM (SELECT stream, seconds, ROW_NUMBER() OVER "
+    "(PARTITION BY stream ORDER BY hour DESC) AS recent FROM clickstream.load_ledger "
+    "WHERE stream IN %s AND seconds IS NOT NULL) r WHERE recent <= %s"
 )
 
 
@@ -135,9 +164,31 @@ def stream_totals(warehouse: Warehouse) -> list[StreamTotals]:
             duplicates=int(row[4]),
             quarantined=int(row[5]),
             newest_hour=row[6],
+            files_read=int(row[7]),
+            bytes_read=int(row[8]),
+            timed=int(row[9]),
+            seconds=float(row[10]),
+            seconds_buckets=tuple(int(count or 0) for count in row[11:]),
         )
         for row in rows
     ]
+
+
+def recent_load_seconds(
+    warehouse: Warehouse, streams: Iterable[str], hours: int = 24
+) -> dict[str, list[float]]:
+    """The load seconds of each stream's ``hours`` most recently loaded hours (if known)."""
+    keys = tuple(sorted(set(streams)))
+    if not keys:
+        return {}
+    warehouse.ledger([])
+    with warehouse.connection() as conn, conn.cursor() as cur:
+        cur.execute(RECENT_SECONDS_SQL, (keys, hours))
+        rows = cur.fetchall()
+    seconds: dict[str, list[float]] = {}
+    for stream, value in rows:
+        seconds.setdefault(stream, []).append(float(value))
+    return seconds
 
 
 class Warehouse(Protocol):

@@ -89,8 +89,24 @@ CREATE TABLE IF NOT EXISTS {LEDGER_SCHEMA}.{LEDGER_TABLE} (
     new_columns   jsonb       NOT NULL,
     run_id        text,
     loaded_at     timestamptz NOT NULL DEFAULT now(),
+    seconds       double precision,
+    files_read    bigint,
+    bytes_read    bigint,
     PRIMARY KEY (stream, hour)
-)
+);
+-- Ledgers created before these columns existed get them (NULL for the hours loaded then).
+-- Only then: ALTER TABLE locks the ledger exclusively, even when it adds nothing, and would
+-- queue behind every load in progress.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                   WHERE table_schema = '{LEDGER_SCHEMA}' AND table_name = '{LEDGER_TABLE}'
+                   AND column_name = 'bytes_read') THEN
+        ALTER TABLE {LEDGER_SCHEMA}.{LEDGER_TABLE}
+            ADD COLUMN IF NOT EXISTS seconds double precision,
+            ADD COLUMN IF NOT EXISTS files_read bigint,
+            ADD COLUMN IF NOT EXISTS bytes_read bigint;
+    END IF;
+END $$
 """
 
 _TABLE_DDL = """
@@ -319,13 +335,14 @@ class PostgresWarehouse:
         cur.execute(
             sql.SQL(
                 "INSERT INTO {}.{} (stream, hour, fingerprint, files, records_read, rows_loaded, "
-                "duplicates, quarantined, new_columns, run_id) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "duplicates, quarantined, new_columns, run_id, seconds, files_read, bytes_read) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (stream, hour) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, "
                 "files = EXCLUDED.files, records_read = EXCLUDED.records_read, "
                 "rows_loaded = EXCLUDED.rows_loaded, duplicates = EXCLUDED.duplicates, "
                 "quarantined = EXCLUDED.quarantined, new_columns = EXCLUDED.new_columns, "
-                "run_id = EXCLUDED.run_id, loaded_at = now()"
+                "run_id = EXCLUDED.run_id, loaded_at = now(), seconds = EXCLUDED.seconds, "
+                "files_read = EXCLUDED.files_read, bytes_read = EXCLUDED.bytes_read"
             ).format(sql.Identifier(LEDGER_SCHEMA), sql.Identifier(LEDGER_TABLE)),
             (
                 load.stream.key,
@@ -338,6 +355,7 @@ class PostgresWarehouse:
                 stats.quarantined,
                 orjson.dumps(result.new_columns).decode(),
                 load.run_id,
+                *load.ledger_figures(),
             ),
         )
 

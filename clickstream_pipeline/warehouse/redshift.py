@@ -104,8 +104,20 @@ LEDGER_DDL = (
     "fingerprint VARCHAR(64) NOT NULL, files VARCHAR(65535) NOT NULL, "
     "records_read BIGINT NOT NULL, rows_loaded BIGINT NOT NULL, duplicates BIGINT NOT NULL, "
     "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
-    "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), PRIMARY KEY (stream, hour)) "
+    "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
+    "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
     "DISTSTYLE ALL SORTKEY (stream, hour)",
+)
+# Columns added to the ledger after its first release; Redshift has no ADD COLUMN IF NOT EXISTS,
+# so a ledger created before gets the missing ones after a look at the catalog.
+LEDGER_ADDED_COLUMNS = (
+    ("seconds", "DOUBLE PRECISION"),
+    ("files_read", "BIGINT"),
+    ("bytes_read", "BIGINT"),
+)
+LEDGER_COLUMNS_SQL = (
+    "SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = 'clickstream' AND table_name = 'load_ledger'"
 )
 
 
@@ -317,9 +329,10 @@ def load_statements(
         "forget": f"DELETE FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
         "record": (
             f"INSERT INTO {LEDGER} (stream, hour, load_id, fingerprint, files, records_read, "
-            "rows_loaded, duplicates, quarantined, new_columns, run_id) VALUES (%(stream)s, "
-            "%(hour)s, %(load_id)s, %(fingerprint)s, %(files)s, %(records_read)s, "
-            "%(rows_loaded)s, %(duplicates)s, %(quarantined)s, %(new_columns)s, %(run_id)s)"
+            "rows_loaded, duplicates, quarantined, new_columns, run_id, seconds, files_read, "
+            "bytes_read) VALUES (%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, %(files)s, "
+            "%(records_read)s, %(rows_loaded)s, %(duplicates)s, %(quarantined)s, "
+            "%(new_columns)s, %(run_id)s, %(seconds)s, %(files_read)s, %(bytes_read)s)"
         ),
     }
 
@@ -459,6 +472,27 @@ class RedshiftWarehouse:
         conn.commit()
         self._ready.add(key)
 
+    def _ensure_ledger(self, conn: Any) -> None:
+        """Create the ledger, or add the columns an older ledger lacks (once per object)."""
+        if "ledger" in self._ready:
+            return
+        with conn.cursor() as cur:
+            for statement in LEDGER_DDL:
+                cur.execute(statement)
+            cur.execute(LEDGER_COLUMNS_SQL)
+            present = {str(row[0]) for row in cur.fetchall()}
+        conn.commit()
+        for column, column_type in LEDGER_ADDED_COLUMNS:
+            if column in present:
+                continue
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f"ALTER TABLE {LEDGER} ADD COLUMN {column} {column_type}")
+                conn.commit()
+            except psycopg2.errors.DuplicateColumn:
+                conn.rollback()  # another loader added it first
+        self._ready.add("ledger")
+
     def ledger(
         self, streams: Iterable[Stream] | None = None, since: datetime | None = None
     ) -> dict[tuple[str, datetime], LedgerEntry]:
@@ -476,7 +510,7 @@ class RedshiftWarehouse:
             query += " AND hour >= %s"
             params.append(since)
         with self.connection() as conn:
-            self._ddl(conn, "ledger", LEDGER_DDL)
+            self._ensure_ledger(conn)
             with conn.cursor() as cur:
                 cur.execute(query, params)
                 rows = cur.fetchall()
@@ -520,7 +554,7 @@ class RedshiftWarehouse:
     ) -> LoadResult:
         stream = load.stream
         with self.connection() as conn:
-            self._ddl(conn, "ledger", LEDGER_DDL)
+            self._ensure_ledger(conn)
             if self._loaded(conn, load):
                 conn.rollback()
                 return LoadResult(skipped=True)
@@ -662,6 +696,7 @@ class RedshiftWarehouse:
             result.duplicates = staged_rows - result.rows_loaded
             files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
             cur.execute(sql["forget"], params)
+            seconds, files_read, bytes_read = load.ledger_figures()
             cur.execute(
                 sql["record"],
                 {
@@ -675,6 +710,9 @@ class RedshiftWarehouse:
                     "quarantined": stats.quarantined,
                     "new_columns": orjson.dumps(new_columns).decode(),
                     "run_id": load.run_id,
+                    "seconds": seconds,
+                    "files_read": files_read,
+                    "bytes_read": bytes_read,
                 },
             )
         conn.commit()
