@@ -10,7 +10,7 @@ listed in full once, so every hour it has files for is loaded.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,8 +43,11 @@ class Listing:
     requests: int
 
 
-def list_stream(store: RawStore, stream: Stream, since: datetime | None) -> Listing:
-    """List a stream's raw files in hours at or after ``since`` (all of them if None)."""
+def list_stream(
+    store: RawStore, stream: Stream, since: datetime | None, until: datetime | None = None
+) -> Listing:
+    """List a stream's raw files in hours at or after ``since`` (all of them if None) and, if
+    ``until`` is given, before it (listing stops at the first page that passes it)."""
     prefix = stream_prefix(store.raw_prefix, stream)
     arguments = {"Bucket": store.bucket, "Prefix": prefix}
     if since is not None:
@@ -52,27 +55,35 @@ def list_stream(store: RawStore, stream: Stream, since: datetime | None) -> List
         arguments["StartAfter"] = f"{prefix}{hour_path(since)}"
     hours: dict[datetime, list[SourceFile]] = defaultdict(list)
     requests = 0
+    end = None if until is None else f"{prefix}{hour_path(until)}"
     for page in store.client.get_paginator("list_objects_v2").paginate(**arguments):  # type: ignore[arg-type]
         requests += 1
-        for obj in page.get("Contents", []):
+        contents = page.get("Contents", [])
+        for obj in contents:
             parsed = parse_raw_key(store.raw_prefix, obj["Key"])
             if parsed is None or parsed.stream != stream:
                 continue
             if since is not None and parsed.hour < since:
                 continue
+            if until is not None and parsed.hour >= until:
+                continue
             hours[parsed.hour].append(SourceFile(obj["Key"], obj["ETag"].strip('"'), obj["Size"]))
+        if end is not None and contents and contents[-1]["Key"] > end:
+            break
     return Listing(stream, {hour: tuple(sorted(files)) for hour, files in hours.items()}, requests)
 
 
 def list_streams(
-    store: RawStore, streams: Iterable[tuple[Stream, datetime | None]]
+    store: RawStore,
+    streams: Iterable[tuple[Stream, datetime | None]],
+    until: datetime | None = None,
 ) -> list[Listing]:
     """List several streams in parallel (S3 latency, not CPU, is the cost)."""
     work = list(streams)
     if not work:
         return []
     with ThreadPoolExecutor(min(LIST_CONCURRENCY, len(work)), thread_name_prefix="s3-list") as pool:
-        return list(pool.map(lambda item: list_stream(store, item[0], item[1]), work))
+        return list(pool.map(lambda item: list_stream(store, item[0], item[1], until), work))
 
 
 def pending_partitions(
@@ -95,3 +106,19 @@ def pending_partitions(
                 PendingPartition(hour, listing.stream, files, current, entry is not None)
             )
     return sorted(pending)
+
+
+def range_pending(
+    store: RawStore,
+    ledger: Callable[[list[Stream], datetime], dict[tuple[str, datetime], LedgerEntry]],
+    streams: Iterable[Stream],
+    since: datetime,
+    until: datetime,
+    now: datetime,
+    grace: timedelta,
+) -> list[PendingPartition]:
+    """Pending partitions of ``streams`` in the hours ``[since, until)`` (a backfill's scope):
+    one listing per stream from ``since``, compared with the ledger from ``since``."""
+    selected = list(streams)
+    listings = list_streams(store, [(stream, since) for stream in selected], until)
+    return pending_partitions(listings, ledger(selected, since) if selected else {}, now, grace)

@@ -10,13 +10,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
-from clickstream_pipeline.discovery import PendingPartition
+from clickstream_pipeline.discovery import PendingPartition, range_pending
 from clickstream_pipeline.jobs import LOAD_JOB, PARTITIONS_TAG, run_config_for
+from clickstream_pipeline.names import Stream
 from clickstream_pipeline.partitions import partition_key
 from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
 from clickstream_pipeline.sensors import (
@@ -30,6 +32,8 @@ DEFAULT_DAGSTER_HOME = Path(".clickstream") / "dagster_home"
 # Runs started here log warnings and errors to the terminal; everything is still recorded in
 # the instance's event log for the UI.
 QUIET_CONSOLE = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Which command started a run: "clickstream load", "clickstream backfill".
+SOURCE_TAG = "clickstream/source"
 
 
 @dataclass
@@ -78,32 +82,97 @@ def run_load(
     """Sync the registry, discover every pending (stream, hour) and load them in batch runs."""
     began = time.perf_counter()
     discovery = discovery or DiscoveryResource()
+    streams = sync_registry(instance)
+    pending = discover(
+        S3StorageResource(),
+        WarehouseResource(),
+        discovery,
+        streams,
+        DiscoveryCursor(),
+        datetime.now(UTC),
+    )
+    return run_partitions(
+        defs, instance, pending, discovery, "clickstream load", began, on_start, on_progress
+    )
+
+
+def sync_registry(instance: dg.DagsterInstance) -> tuple[Stream, ...]:
+    """The registry's streams, each a ``stream`` partition (added when missing)."""
     streams = RegistryResource().load().streams
     for request in stream_partition_requests(instance, streams):
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    now = datetime.now(UTC)
-    s3, warehouse = S3StorageResource(), WarehouseResource()
-    pending = discover(s3, warehouse, discovery, streams, DiscoveryCursor(), now)
+    return streams
+
+
+def backfill_pending(
+    streams: tuple[Stream, ...], since: datetime, until: datetime, discovery: DiscoveryResource
+) -> list[PendingPartition]:
+    """What a backfill of ``streams`` over ``[since, until)`` loads: the completed hours whose
+    files are not what the ledger says was loaded, however old."""
+    warehouse = WarehouseResource().warehouse()
+    return range_pending(
+        S3StorageResource().store(),
+        lambda selected, start: warehouse.ledger(selected, start),
+        streams,
+        since,
+        until,
+        datetime.now(UTC),
+        timedelta(minutes=discovery.grace_minutes),
+    )
+
+
+def run_partitions(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    pending: list[PendingPartition],
+    discovery: DiscoveryResource,
+    source: str,
+    began: float | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> LoadSummary:
+    """Load ``pending`` here, in runs of ``batch_size`` partitions recorded in the instance."""
+    began = time.perf_counter() if began is None else began
     summary = LoadSummary(pending=len(pending))
     if on_start is not None:
         on_start(len(pending))
     job = defs.get_job_def(LOAD_JOB)
-    for start in range(0, len(pending), discovery.batch_size):
-        batch = pending[start : start + discovery.batch_size]
+    for batch in batches(pending, discovery.batch_size):
         keys = [str(partition_key(p.stream, p.hour)) for p in batch]
         result = job.execute_in_process(
             run_config={**run_config_for(keys, discovery.concurrency), **QUIET_CONSOLE},
             instance=instance,
-            tags={PARTITIONS_TAG: str(len(keys)), "clickstream/source": "clickstream load"},
+            tags={PARTITIONS_TAG: str(len(keys)), SOURCE_TAG: source},
             raise_on_error=False,
         )
         summary.runs.append(result.run_id)
         _collect(summary, result)
         if on_progress is not None:
             on_progress(len(batch))
-    _verify_against_ledger(summary, pending, warehouse)
+    _verify_against_ledger(summary, pending, WarehouseResource())
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def batches(pending: list[PendingPartition], size: int) -> list[list[PendingPartition]]:
+    return [pending[start : start + size] for start in range(0, len(pending), size)]
+
+
+def submit_partitions(
+    submit: Callable[[dict[str, Any], dict[str, str]], str],
+    pending: list[PendingPartition],
+    discovery: DiscoveryResource,
+    source: str,
+) -> list[str]:
+    """Queue one ``load_partitions_job`` run per batch through ``submit(run_config, tags)`` (a
+    webserver's GraphQL API): the daemon launches them under the run queue's limits, and each
+    partition's status shows in the UI as its run loads it. Returns the run ids, in order."""
+    run_ids = []
+    for batch in batches(pending, discovery.batch_size):
+        keys = [str(partition_key(p.stream, p.hour)) for p in batch]
+        tags = {PARTITIONS_TAG: str(len(keys)), SOURCE_TAG: source}
+        run_ids.append(submit(run_config_for(keys, discovery.concurrency), tags))
+    return run_ids
 
 
 def _collect(summary: LoadSummary, result: dg.ExecuteInProcessResult) -> None:
