@@ -210,3 +210,42 @@ def test_rows_equal_unique_valid_messages_whatever_the_order(
     assert set(loaded) == valid
     first_loads = {o.hour: o for o in reversed(outcomes) if not o.skipped}
     assert sum(o.quarantined for o in first_loads.values()) == invalid
+
+
+def test_timestamps_outside_the_warehouses_ranges_are_refused_not_loaded(
+    pipeline: dict[str, str], customer: str
+) -> None:
+    stream = Stream(customer, "page_view")
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    received = f"{H1:%Y-%m-%dT%H}:05:00"
+
+    def stamped(message_id: str, **stamps: str) -> dict[str, object]:
+        return {**record(message_id, H1), **stamps}
+
+    put_file(
+        pipeline["CLICKSTREAM_BUCKET"],
+        stream,
+        H1,
+        "a",
+        [
+            # PostgreSQL accepts zone offsets up to 15:59; Python would take +16:00 and more.
+            stamped("far_zone", receivedAt=f"{received}+16:00"),
+            stamped("edge_zone", receivedAt=f"{received}+15:59"),
+            stamped("bad_sent", sentAt=f"{received}+18:00", timestamp=f"{H1:%Y-%m-%d}T24:00:00Z"),
+            stamped("no_day", receivedAt=f"{H1:%Y}-02-30T10:00:00Z"),
+        ],
+    )
+
+    outcome = load(pipeline, stream, H1)
+
+    assert (outcome.rows_loaded, outcome.quarantined) == (2, 2)
+    table = f'"{stream.customer}"."{stream.event}"'
+    rows = query(
+        url, f"SELECT message_id, received_at, sent_at, event_timestamp FROM {table} ORDER BY 1"
+    )
+    # Optional timestamps out of range are NULL; the record still loads.
+    assert [(row[0], row[2] is None, row[3] is None) for row in rows] == [
+        ("bad_sent", True, True),
+        ("edge_zone", False, False),
+    ]
+    assert rows[1][1] == datetime.fromisoformat(f"{received}+15:59")
