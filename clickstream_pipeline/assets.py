@@ -23,6 +23,11 @@ raw_events_key = dg.AssetKey("raw_events")
 warehouse_events_key = dg.AssetKey("warehouse_events")
 
 
+# Concurrency pool shared by everything that writes to the warehouse (the batch op, or a
+# one-partition materialization); production sets its limit in dagster.yaml (`deploy/`).
+WAREHOUSE_POOL = "warehouse"
+
+
 @dg.asset(
     key=raw_events_key,
     partitions_def=stream_hour_partitions,
@@ -44,6 +49,7 @@ def raw_events(context: dg.AssetExecutionContext, s3: S3StorageResource) -> dg.M
     group_name=GROUP,
     retry_policy=STEP_RETRY,
     kinds={"postgres", "redshift"},
+    pool=WAREHOUSE_POOL,
     check_specs=[dg.AssetCheckSpec(QUARANTINE_CHECK, asset=warehouse_events_key)],
 )
 def warehouse_events(

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from clickstream_pipeline.assets import (
     STEP_RETRY,
+    WAREHOUSE_POOL,
     load_log_line,
     load_metadata,
     quarantine_check_evaluation,
@@ -39,7 +40,7 @@ class LoadPartitionsConfig(dg.Config):
     concurrency: int = Field(default=4, ge=1, le=32, description="Partitions loaded at once.")
 
 
-@dg.op(retry_policy=STEP_RETRY)
+@dg.op(retry_policy=STEP_RETRY, pool=WAREHOUSE_POOL)
 def load_partitions(
     context: dg.OpExecutionContext,
     config: LoadPartitionsConfig,

@@ -32,3 +32,10 @@ def test_dagster_validates_the_workspace() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Validation successful" in result.stdout + result.stderr
+
+
+def test_every_warehouse_writer_is_in_the_warehouse_pool() -> None:
+    # The production instance limits this pool (deploy/dagster.yaml concurrency.pools).
+    job = defs.get_job_def("load_partitions_job")
+    assert [node.definition.pools for node in job.graph.node_dict.values()] == [{"warehouse"}]
+    assert defs.get_assets_def("warehouse_events").op.pool == "warehouse"
