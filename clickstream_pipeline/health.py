@@ -40,7 +40,11 @@ def check_registry(settings: Settings) -> Check:
 def check_s3(settings: Settings) -> Check:
     def probe() -> str:
         bucket = settings.require_bucket()
-        s3_client(max_attempts=2).head_bucket(Bucket=bucket)
+        # A one-key listing of the raw prefix: what the loader itself needs, and all the
+        # least-privilege policy grants (HeadBucket would need ListBucket on the whole bucket).
+        s3_client(max_attempts=2).list_objects_v2(
+            Bucket=bucket, Prefix=f"{settings.raw_prefix}/", MaxKeys=1
+        )
         return f"bucket {bucket} reachable"
 
     return _guarded("s3", probe)
