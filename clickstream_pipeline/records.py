@@ -1,8 +1,8 @@
 """Reading raw files and validating records: streaming, bounded memory, every bad line explained.
 
 Validation is done here, in Python, so that bad input is quarantined with a reason instead of
-failing a COPY; extraction of columns from a valid record is left to the warehouse (see
-``warehouse/``), which runs in another process on another core.
+failing a COPY; each warehouse dialect (``warehouse/``) turns a valid record, which carries its
+parsed document, into the rows it loads.
 """
 
 from __future__ import annotations
