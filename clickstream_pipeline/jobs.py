@@ -26,7 +26,6 @@ from clickstream_pipeline.errors import first_line
 from clickstream_pipeline.loader import TRANSIENT_ERRORS, LoadOutcome, load_partition, with_retries
 from clickstream_pipeline.partitions import parse_partition_key
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
-from clickstream_pipeline.warehouse.base import SourceFile
 
 LOAD_JOB = "load_partitions_job"
 PARTITIONS_TAG = "clickstream/partitions"
@@ -48,50 +47,21 @@ def load_partitions(
     s3: S3StorageResource,
     warehouse: WarehouseResource,
 ) -> dg.Output[int]:
-    """Load each listed partition exactly once and report it as materialized on its own.
-
-    The batch's partitions are listed first and loaded smallest first: a heavy partition in the
-    batch must not make the light ones wait for a thread beside it.
-    """
+    """Load each listed partition exactly once and report it as materialized on its own."""
     store, target = s3.store(), warehouse.warehouse()
     failures: dict[str, str] = {}
     transient = False
     loaded = 0
 
-    def fail(key: str, error: Exception) -> None:
-        nonlocal transient
-        failures[key] = f"{type(error).__name__}: {first_line(error)}"
-        transient = transient or isinstance(error, TRANSIENT_ERRORS)
-        context.log.error(load_log_line(key, context.run_id, error=failures[key]))
-
-    def listing(key: str) -> tuple[SourceFile, ...]:
+    def load(key: str) -> LoadOutcome:
         stream, hour = parse_partition_key(key)
         return with_retries(
-            lambda: store.list_partition(stream, hour), describe=f"listing of {key}"
-        )
-
-    def load(key: str, files: tuple[SourceFile, ...]) -> LoadOutcome:
-        stream, hour = parse_partition_key(key)
-        # The first attempt loads the files listed above; a retry lists again (a file rewritten
-        # since its listing fails the read, and must not fail every attempt).
-        first = iter([files])
-        return with_retries(
-            lambda: load_partition(
-                store, target, stream, hour, next(first, None), run_id=context.run_id
-            ),
+            lambda: load_partition(store, target, stream, hour, run_id=context.run_id),
             describe=f"load of {key}",
         )
 
-    keys = list(dict.fromkeys(config.partitions))
     with ThreadPoolExecutor(config.concurrency, thread_name_prefix="load") as pool:
-        listed: dict[str, tuple[SourceFile, ...]] = {}
-        for key, listing_future in [(key, pool.submit(listing, key)) for key in keys]:
-            try:
-                listed[key] = listing_future.result()
-            except Exception as error:
-                fail(key, error)
-        order = sorted(listed, key=lambda key: sum(f.size for f in listed[key]))
-        futures = {pool.submit(load, key, listed[key]): key for key in order}
+        futures = {pool.submit(load, key): key for key in dict.fromkeys(config.partitions)}
         # Report each partition as soon as it is loaded: a heavy partition must not hold back
         # the materializations of the light ones loaded beside it.
         for future in as_completed(futures):
@@ -99,7 +69,9 @@ def load_partitions(
             try:
                 outcome = future.result()
             except Exception as error:
-                fail(key, error)
+                failures[key] = f"{type(error).__name__}: {first_line(error)}"
+                transient = transient or isinstance(error, TRANSIENT_ERRORS)
+                context.log.error(load_log_line(key, context.run_id, error=failures[key]))
                 continue
             context.log.info(load_log_line(key, context.run_id, outcome))
             if not outcome.skipped:
@@ -107,13 +79,13 @@ def load_partitions(
                 loaded += 1
     if failures:
         raise dg.Failure(
-            description=f"{len(failures)} of {len(keys)} partitions failed to load",
+            description=f"{len(failures)} of {len(futures)} partitions failed to load",
             metadata={"failed": dg.MetadataValue.json(failures)},
             # Retrying the step helps only when a failure may pass (network, throttling);
             # bad keys or data fail the same way again.
             allow_retries=transient,
         )
-    return dg.Output(loaded, metadata={"partitions": len(keys), "loaded": loaded})
+    return dg.Output(loaded, metadata={"partitions": len(futures), "loaded": loaded})
 
 
 def _report(context: dg.OpExecutionContext, key: str, outcome: LoadOutcome) -> None:

@@ -154,27 +154,3 @@ def test_each_partition_load_logs_one_structured_json_line(
         "new_columns": [],
     }
     assert line["bytes"] > 0 and line["seconds"] >= 0
-
-
-def test_a_batch_loads_its_smallest_partitions_first(
-    pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
-) -> None:
-    bucket = pipeline["CLICKSTREAM_BUCKET"]
-    heavy, light = Stream(customer, "page_view"), Stream(customer, "signup")
-    put_file(bucket, heavy, H1, "a", [record(f"h{i}", H1, n=i) for i in range(3_000)])
-    put_file(bucket, light, H1, "a", [record("l1", H1)])
-    put_file(bucket, light, H2, "a", [record("l2", H2)])
-    instance.add_dynamic_partitions("stream", [str(heavy), str(light)])
-    keys = [key(heavy, H1), key(light, H1), key(light, H2)]
-
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(
-        run_config=run_config_for(keys, concurrency=1), instance=instance
-    )
-
-    loaded = [
-        m.partition
-        for m in result.asset_materializations_for_node("load_partitions")
-        if m.asset_key == dg.AssetKey("warehouse_events")
-    ]
-    assert set(loaded[:2]) == {key(light, H1), key(light, H2)}
-    assert loaded[2] == key(heavy, H1)
