@@ -317,6 +317,10 @@ def load(batch_size: int, concurrency: int, grace_minutes: int) -> None:
     settings.require_warehouse_url()
     summary = _run_load(batch_size=batch_size, concurrency=concurrency, grace_minutes=grace_minutes)
     _print_load(summary)
+    _raise_if_failed(summary)
+
+
+def _raise_if_failed(summary: LoadSummary) -> None:
     if summary.failed:
         raise ClickstreamError(
             f"{len(summary.failed)} of {summary.pending} partitions failed to load "
@@ -324,15 +328,19 @@ def load(batch_size: int, concurrency: int, grace_minutes: int) -> None:
         )
 
 
-def _run_load(**discovery_settings: int) -> LoadSummary:
-    """Load through Dagster (imported here: the registry commands start faster without it)."""
+def _quiet_dagster_warnings() -> None:
+    """Dagster flags its own beta and preview parameters as it builds definitions; a user of
+    these commands can do nothing about them. (Dagster is imported here, not at the top: the
+    registry commands start faster without it.)"""
     import dagster as dg
 
-    # Dagster flags its own beta and preview parameters as it builds definitions; a user of
-    # this command can do nothing about them.
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
+
+def _run_load(**discovery_settings: int) -> LoadSummary:
+    """Load through Dagster."""
+    _quiet_dagster_warnings()
     from clickstream_pipeline.definitions import defs
     from clickstream_pipeline.runner import dagster_instance, run_load
     from clickstream_pipeline.sensors import DiscoveryResource
@@ -407,10 +415,7 @@ def backfill(
     settings = Settings.from_env()
     settings.require_bucket()
     settings.require_warehouse_url()
-    import dagster as dg
-
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    _quiet_dagster_warnings()
     from clickstream_pipeline.partitions import FIRST_HOUR_TIME
     from clickstream_pipeline.runner import backfill_pending, dagster_instance, sync_registry
     from clickstream_pipeline.sensors import DiscoveryResource
@@ -435,11 +440,7 @@ def backfill(
         return
     summary = _run_partitions(instance, pending, discovery)
     _print_load(summary)
-    if summary.failed:
-        raise ClickstreamError(
-            f"{len(summary.failed)} of {summary.pending} partitions failed to load "
-            f"(first: {summary.failed[0]}); see the runs in the Dagster UI"
-        )
+    _raise_if_failed(summary)
 
 
 def _parse_hour(option: str, text: str) -> datetime:

@@ -10,7 +10,7 @@ listed in full once, so every hour it has files for is loaded.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from clickstream_pipeline.layout import hour_path, parse_raw_key, stream_prefix
 from clickstream_pipeline.loader import RawStore, fingerprint
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.warehouse.base import LedgerEntry, SourceFile
+from clickstream_pipeline.warehouse.base import LedgerEntry, SourceFile, Warehouse
 
 LIST_CONCURRENCY = 16
 
@@ -110,7 +110,7 @@ def pending_partitions(
 
 def range_pending(
     store: RawStore,
-    ledger: Callable[[list[Stream], datetime], dict[tuple[str, datetime], LedgerEntry]],
+    warehouse: Warehouse,
     streams: Iterable[Stream],
     since: datetime,
     until: datetime,
@@ -121,4 +121,5 @@ def range_pending(
     one listing per stream from ``since``, compared with the ledger from ``since``."""
     selected = list(streams)
     listings = list_streams(store, [(stream, since) for stream in selected], until)
-    return pending_partitions(listings, ledger(selected, since) if selected else {}, now, grace)
+    ledger = warehouse.ledger(selected, since) if selected else {}
+    return pending_partitions(listings, ledger, now, grace)

@@ -109,10 +109,9 @@ def backfill_pending(
 ) -> list[PendingPartition]:
     """What a backfill of ``streams`` over ``[since, until)`` loads: the completed hours whose
     files are not what the ledger says was loaded, however old."""
-    warehouse = WarehouseResource().warehouse()
     return range_pending(
         S3StorageResource().store(),
-        lambda selected, start: warehouse.ledger(selected, start),
+        WarehouseResource().warehouse(),
         streams,
         since,
         until,

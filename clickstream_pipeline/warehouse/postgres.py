@@ -211,12 +211,7 @@ class PostgresWarehouse:
                 chunks = _chunks(records, stats, columns, load.hour)
                 for chunk in prefetch(chunks, name=f"read {stream}"):
                     for column, kind in chunk.new_columns:
-                        cur.execute(
-                            sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                                table, sql.Identifier(column), sql.SQL(_SQL_TYPES[kind])
-                            )
-                        )
-                        result.new_columns.append(column)
+                        _add_column(cur, table, column, kind, result)
                     rows = self._not_loaded(cur, table, chunk)
                     cur.copy_expert(
                         sql.SQL("COPY {} ({}) FROM STDIN")
@@ -283,12 +278,7 @@ class PostgresWarehouse:
         """Columns for properties first seen after the load's first records: added, and filled
         from ``properties`` for the rows this load sent."""
         for column, kind in late:
-            cur.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                    table, sql.Identifier(column), sql.SQL(_SQL_TYPES[kind])
-                )
-            )
-            result.new_columns.append(column)
+            _add_column(cur, table, column, kind, result)
         props = {column: prop for prop, (column, _) in columns.chosen.items()}
         assignments, tests = [], []
         for column, kind in late:
@@ -384,6 +374,17 @@ class PostgresWarehouse:
 def _regclass(cur: Any, stream: Stream) -> str:
     """The quoted ``"customer"."event"`` name ``to_regclass`` expects."""
     return sql.Identifier(stream.customer, stream.event).as_string(cur)
+
+
+def _add_column(
+    cur: Any, table: sql.Identifier, column: str, kind: str, result: LoadResult
+) -> None:
+    cur.execute(
+        sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+            table, sql.Identifier(column), sql.SQL(_SQL_TYPES[kind])
+        )
+    )
+    result.new_columns.append(column)
 
 
 class _PropertyColumns:
