@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -150,8 +150,10 @@ def test_a_slow_load_run_alerts_once_and_resolves_once_when_it_finishes(
     bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
     store = RawStore(s3_client(), bucket, "raw")
     # History: three quick loads give the stream a median of a fraction of a second.
+    # Hours relative to H3 (fixed at import), so a session crossing an hour boundary never
+    # names H3 itself.
     for hours_ago in (6, 5, 4):
-        hour = recent_hour(hours_ago)
+        hour = H3 - timedelta(hours=hours_ago - 3)
         put_file(bucket, stream, hour, "a", [record(f"h{hours_ago}", hour)])
         load_partition(store, PostgresWarehouse(url), stream, hour)
     put_file(bucket, stream, H3, "a", [record("m1", H3)])
@@ -288,7 +290,7 @@ def test_run_monitoring_stops_a_load_past_max_runtime_and_the_failure_alert_says
 ) -> None:
     stream = Stream(customer, "page_view")
     bucket, url = pipeline["CLICKSTREAM_BUCKET"], pipeline["CLICKSTREAM_WAREHOUSE_URL"]
-    hour = recent_hour(5)
+    hour = H3 - timedelta(hours=2)
     put_file(bucket, stream, hour, "a", [record("h1", hour)])
     load_partition(RawStore(s3_client(), bucket, "raw"), PostgresWarehouse(url), stream, hour)
     put_file(bucket, stream, H3, "a", [record("m1", H3)])

@@ -172,7 +172,10 @@ def test_pending_and_failed_partitions_come_from_the_runs(
         )
         instance.report_run_failed(died)
         # Not started yet: pending. It names `good` too, which is then pending, not failed.
-        queued = [f"{hour:%Y-%m-%d-%H}:00|{stream}" for hour in (recent_hour(5), recent_hour(4))]
+        # Hours relative to H1 (fixed at import): recent_hour() here could name H1 itself once
+        # the clock passes an hour boundary during the session.
+        earlier = (H1 - timedelta(hours=2), H1 - timedelta(hours=1))
+        queued = [f"{hour:%Y-%m-%d-%H}:00|{stream}" for hour in earlier]
         instance.create_run_for_job(
             job, run_config=run_config_for([*queued, good]), status=dg.DagsterRunStatus.NOT_STARTED
         )
