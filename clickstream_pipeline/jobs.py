@@ -22,13 +22,17 @@ from clickstream_pipeline.assets import (
     raw_metadata,
     warehouse_events_key,
 )
+from clickstream_pipeline.discovery import LIST_CONCURRENCY
 from clickstream_pipeline.errors import first_line
 from clickstream_pipeline.loader import TRANSIENT_ERRORS, LoadOutcome, load_partition, with_retries
 from clickstream_pipeline.partitions import parse_partition_key
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
+from clickstream_pipeline.warehouse.base import SourceFile
 
 LOAD_JOB = "load_partitions_job"
 PARTITIONS_TAG = "clickstream/partitions"
+LARGE_FACTOR = 10
+LARGE_MIN_BYTES = 1 << 20
 
 
 class LoadPartitionsConfig(dg.Config):
@@ -47,45 +51,94 @@ def load_partitions(
     s3: S3StorageResource,
     warehouse: WarehouseResource,
 ) -> dg.Output[int]:
-    """Load each listed partition exactly once and report it as materialized on its own."""
+    """Load each listed partition exactly once and report it as materialized on its own.
+
+    The batch's partitions are listed first, then loaded smallest first in waves (see
+    ``load_waves``): a partition much larger than the rest starts once they are loaded, so it
+    does not take CPU from them.
+    """
     store, target = s3.store(), warehouse.warehouse()
     failures: dict[str, str] = {}
     transient = False
     loaded = 0
 
-    def load(key: str) -> LoadOutcome:
+    def fail(key: str, error: Exception) -> None:
+        nonlocal transient
+        failures[key] = f"{type(error).__name__}: {first_line(error)}"
+        transient = transient or isinstance(error, TRANSIENT_ERRORS)
+        context.log.error(load_log_line(key, context.run_id, error=failures[key]))
+
+    def listing(key: str) -> tuple[SourceFile, ...]:
         stream, hour = parse_partition_key(key)
         return with_retries(
-            lambda: load_partition(store, target, stream, hour, run_id=context.run_id),
+            lambda: store.list_partition(stream, hour), describe=f"listing of {key}"
+        )
+
+    def load(key: str, files: tuple[SourceFile, ...]) -> LoadOutcome:
+        stream, hour = parse_partition_key(key)
+        # The first attempt loads the files listed above; a retry lists again (a file rewritten
+        # since its listing fails the read, and must not fail every attempt).
+        first = iter([files])
+        return with_retries(
+            lambda: load_partition(
+                store, target, stream, hour, next(first, None), run_id=context.run_id
+            ),
             describe=f"load of {key}",
         )
 
-    with ThreadPoolExecutor(config.concurrency, thread_name_prefix="load") as pool:
-        futures = {pool.submit(load, key): key for key in dict.fromkeys(config.partitions)}
-        # Report each partition as soon as it is loaded: a heavy partition must not hold back
-        # the materializations of the light ones loaded beside it.
-        for future in as_completed(futures):
-            key = futures[future]
+    keys = list(dict.fromkeys(config.partitions))
+    listed: dict[str, tuple[SourceFile, ...]] = {}
+    # Listing waits on S3, not on CPU: more requests in flight than loads.
+    with ThreadPoolExecutor(min(LIST_CONCURRENCY, len(keys)), "list") as pool:
+        for key, files in [(key, pool.submit(listing, key)) for key in keys]:
             try:
-                outcome = future.result()
+                listed[key] = files.result()
             except Exception as error:
-                failures[key] = f"{type(error).__name__}: {first_line(error)}"
-                transient = transient or isinstance(error, TRANSIENT_ERRORS)
-                context.log.error(load_log_line(key, context.run_id, error=failures[key]))
-                continue
-            context.log.info(load_log_line(key, context.run_id, outcome))
-            if not outcome.skipped:
-                _report(context, key, outcome)
-                loaded += 1
+                fail(key, error)
+    sizes = {key: sum(file.size for file in files) for key, files in listed.items()}
+    with ThreadPoolExecutor(config.concurrency, thread_name_prefix="load") as pool:
+        for wave in load_waves(sizes):
+            futures = {pool.submit(load, key, listed[key]): key for key in wave}
+            # Report each partition as soon as it is loaded: a heavy partition must not hold
+            # back the materializations of the light ones loaded beside it.
+            for future in as_completed(futures):
+                key = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as error:
+                    fail(key, error)
+                    continue
+                context.log.info(load_log_line(key, context.run_id, outcome))
+                if not outcome.skipped:
+                    _report(context, key, outcome)
+                    loaded += 1
     if failures:
         raise dg.Failure(
-            description=f"{len(failures)} of {len(futures)} partitions failed to load",
+            description=f"{len(failures)} of {len(keys)} partitions failed to load",
             metadata={"failed": dg.MetadataValue.json(failures)},
             # Retrying the step helps only when a failure may pass (network, throttling);
             # bad keys or data fail the same way again.
             allow_retries=transient,
         )
-    return dg.Output(loaded, metadata={"partitions": len(futures), "loaded": loaded})
+    return dg.Output(loaded, metadata={"partitions": len(keys), "loaded": loaded})
+
+
+def load_waves(sizes: dict[str, int]) -> list[list[str]]:
+    """The order a batch loads its partitions in, given their sizes in bytes.
+
+    Smallest first, so most partitions are loaded soonest. Partitions over ``LARGE_FACTOR``
+    times the batch's median size (and over ``LARGE_MIN_BYTES``) form a second wave that starts
+    once the first is loaded: on a small machine a heavy load takes both cores, and the light
+    partitions beside it would take longer by the CPU it uses, not by their own cost.
+    """
+    order = sorted(sizes, key=lambda key: (sizes[key], key))
+    if not order:
+        return []
+    median = sizes[order[(len(order) - 1) // 2]]
+    limit = max(median * LARGE_FACTOR, LARGE_MIN_BYTES)
+    light = [key for key in order if sizes[key] <= limit]
+    heavy = [key for key in order if sizes[key] > limit]
+    return [wave for wave in (light, heavy) if wave]
 
 
 def _report(context: dg.OpExecutionContext, key: str, outcome: LoadOutcome) -> None:

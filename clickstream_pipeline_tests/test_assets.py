@@ -10,7 +10,7 @@ import pytest
 from clickstream_pipeline.assets import QUARANTINE_CHECK, raw_events, warehouse_events
 from clickstream_pipeline.definitions import defs
 from clickstream_pipeline.errors import ServiceUnavailable
-from clickstream_pipeline.jobs import LOAD_JOB, run_config_for
+from clickstream_pipeline.jobs import LARGE_MIN_BYTES, LOAD_JOB, load_waves, run_config_for
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
 from clickstream_pipeline_tests.helpers import message_ids, put_file, recent_hour, record
@@ -154,3 +154,44 @@ def test_each_partition_load_logs_one_structured_json_line(
         "new_columns": [],
     }
     assert line["bytes"] > 0 and line["seconds"] >= 0
+
+
+def test_a_batch_loads_its_smallest_partitions_first(
+    pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    heavy, light = Stream(customer, "page_view"), Stream(customer, "signup")
+    put_file(bucket, heavy, H1, "a", [record(f"h{i}", H1, n=i) for i in range(3_000)])
+    put_file(bucket, light, H1, "a", [record("l1", H1)])
+    put_file(bucket, light, H2, "a", [record("l2", H2)])
+    instance.add_dynamic_partitions("stream", [str(heavy), str(light)])
+    keys = [key(heavy, H1), key(light, H1), key(light, H2)]
+
+    result = defs.get_job_def(LOAD_JOB).execute_in_process(
+        run_config=run_config_for(keys, concurrency=1), instance=instance
+    )
+
+    loaded = [
+        m.partition
+        for m in result.asset_materializations_for_node("load_partitions")
+        if m.asset_key == dg.AssetKey("warehouse_events")
+    ]
+    assert set(loaded[:2]) == {key(light, H1), key(light, H2)}
+    assert loaded[2] == key(heavy, H1)
+
+
+def test_partitions_far_larger_than_the_batch_wait_for_the_rest() -> None:
+    big = 10 * LARGE_MIN_BYTES
+    sizes = {"a": 900, "b": 1_000, "c": 0, "d": 1_100, "heavy": big, "heavier": 2 * big}
+
+    assert load_waves(sizes) == [["c", "a", "b", "d"], ["heavy", "heavier"]]
+
+
+def test_a_batch_of_alike_or_small_partitions_is_one_wave() -> None:
+    # Ten times the median is the bar, and nothing under LARGE_MIN_BYTES is ever held back.
+    alike = {"a": 5 * LARGE_MIN_BYTES, "b": 40 * LARGE_MIN_BYTES, "c": 6 * LARGE_MIN_BYTES}
+    small = {"a": 0, "b": 0, "c": LARGE_MIN_BYTES}
+
+    assert load_waves(alike) == [["a", "c", "b"]]
+    assert load_waves(small) == [["a", "b", "c"]]
+    assert load_waves({}) == []
