@@ -14,10 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+
+@dataclass(frozen=True)
+class StackProcess:
+    """The embedded stack's child process: its environment and the CPU it has used."""
+
+    env: dict[str, str]
+    pid: int
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the stack process (the local S3 server and its threads)."""
+        times = psutil.Process(self.pid).cpu_times()
+        return float(times.user + times.system)
+
 
 @contextmanager
-def stack_process(root: Path) -> Iterator[dict[str, str]]:
-    """``clickstream stack`` in a child process: the S3 server's work is not billed to loaders."""
+def stack_process(root: Path) -> Iterator[StackProcess]:
+    """``clickstream stack`` in a child process: the S3 server's work is not billed to loaders.
+
+    PostgreSQL runs as the stack's children; ``cpu_seconds`` counts the S3 server's work alone."""
     process = subprocess.Popen(
         [sys.executable, "-m", "clickstream_pipeline.cli", "stack", "--root", str(root)],
         stdout=subprocess.PIPE,
@@ -33,7 +50,7 @@ def stack_process(root: Path) -> Iterator[dict[str, str]]:
                 raise RuntimeError("the embedded stack did not start")
             name, _, value = line.removeprefix("export ").partition("=")
             env[name] = value.strip().strip("'")
-        yield env
+        yield StackProcess(env, process.pid)
     finally:
         process.terminate()
         process.wait(60)

@@ -37,8 +37,9 @@ def run(sizes: list[int], peers: bool = True) -> dict[str, Any]:
     first_hour = hour_floor(datetime.now(UTC)) - timedelta(days=2)
     with (
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
-        stack_process(Path(root) / "stack") as env,
+        stack_process(Path(root) / "stack") as stack,
     ):
+        env = stack.env
         os.environ.update(env)
         url = env["CLICKSTREAM_WAREHOUSE_URL"]
         for index, events in enumerate(sizes):

@@ -42,8 +42,9 @@ def _bench_stack() -> Iterator[tuple[str, dict[str, str], Path]]:
     """A scratch folder, the stack in its own process, and a registry file: (root, env, path)."""
     with (
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
-        stack_process(Path(root) / "stack") as env,
+        stack_process(Path(root) / "stack") as stack,
     ):
+        env = stack.env
         os.environ.update(env)
         registry = Path(root) / "registry.yaml"
         yield root, {**env, "CLICKSTREAM_REGISTRY": str(registry)}, registry

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clickstream_pipeline.bench.common import run_measured, stack_process
+from clickstream_pipeline.bench.common import StackProcess, run_measured, stack_process
 from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
 from clickstream_pipeline.layout import hour_floor, hour_key
 from clickstream_pipeline.metrics import s3_requests
@@ -40,6 +40,19 @@ def _timed(action: Callable[[], T]) -> tuple[T, float]:
     began = time.perf_counter()
     value = action()
     return value, round(time.perf_counter() - began, 3)
+
+
+def _listed(action: Callable[[], T], stack: StackProcess) -> tuple[T, dict[str, Any]]:
+    """Run a listing step: its wall time, and the CPU it cost here and in the local S3 server
+    (which bounds listing on this machine; see the report)."""
+    before, client, server = s3_requests(), time.process_time(), stack.cpu_seconds()
+    value, seconds = _timed(action)
+    return value, {
+        "seconds": seconds,
+        "s3_requests": _requests(before),
+        "client_cpu_seconds": round(time.process_time() - client, 2),
+        "s3_server_cpu_seconds": round(stack.cpu_seconds() - server, 2),
+    }
 
 
 def _requests(before: dict[str, int]) -> dict[str, int]:
@@ -66,8 +79,9 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
     new_hour = hour_floor(datetime.now(UTC)) - timedelta(hours=2)
     with (
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
-        stack_process(Path(root) / "stack") as env,
+        stack_process(Path(root) / "stack") as stack,
     ):
+        env = stack.env
         os.environ.update(env)
         home = Path(tempfile.mkdtemp(dir=root))
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -116,11 +130,9 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
                 assert isinstance(result, dg.SensorResult)
                 return result
 
-            before = s3_requests()
-            first, seconds = _timed(lambda: tick(None))
+            first, cost = _listed(lambda: tick(None), stack)
             results["discovery_first_tick"] = {
-                "seconds": seconds,
-                "s3_requests": _requests(before),
+                **cost,
                 "partitions_requested": sum(
                     len(r.run_config["ops"]["load_partitions"]["config"]["partitions"])
                     for r in first.run_requests or []
@@ -133,22 +145,18 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
             steady_cursor = json.dumps(
                 {"scanned": sorted(s.key for s in spec.streams), "requested": {}}
             )
-            before = s3_requests()
-            steady, seconds = _timed(lambda: tick(steady_cursor))
+            steady, cost = _listed(lambda: tick(steady_cursor), stack)
             results["discovery_steady_tick"] = {
-                "seconds": seconds,
-                "s3_requests": _requests(before),
+                **cost,
                 "new_files": streams,
                 "bucket_files": 2 * streams,
                 "runs_requested": len(steady.run_requests or []),
             }
             older = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=4)})
             write_files(client, bucket, generate_files(older, "raw", new_hour))
-            before = s3_requests()
-            _, seconds = _timed(lambda: tick(steady_cursor))
+            _, cost = _listed(lambda: tick(steady_cursor), stack)
             results["discovery_steady_tick_bigger_bucket"] = {
-                "seconds": seconds,
-                "s3_requests": _requests(before),
+                **cost,
                 "new_files": streams,
                 "bucket_files": 3 * streams,
             }
@@ -169,22 +177,17 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
             }
         from clickstream_pipeline.runner import backfill_pending
 
-        before = s3_requests()
         first_hour = new_hour - timedelta(hours=backfill_hours - 1)
-        pending, seconds = _timed(
+        pending, cost = _listed(
             lambda: backfill_pending(
                 tuple(spec.streams),
                 first_hour,
                 new_hour + timedelta(hours=1),
                 DiscoveryResource(grace_minutes=0),
-            )
+            ),
+            stack,
         )
-        results["backfill_listing"] = {
-            "seconds": seconds,
-            "hours": backfill_hours,
-            "pending": len(pending),
-            "s3_requests": _requests(before),
-        }
+        results["backfill_listing"] = {**cost, "hours": backfill_hours, "pending": len(pending)}
         results["graphql"] = run_measured([MODULE, "graphql", str(home)], {}).result
         hours = [hour_key(new_hour - timedelta(hours=h)) for h in range(backfill_hours)]
         keys_file = Path(root) / "backfill.json"
