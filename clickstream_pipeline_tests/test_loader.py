@@ -395,3 +395,32 @@ def test_columns_added_after_rows_were_sent_hold_what_rows_formatted_later_hold(
     assert [row[0] for row in early_values[4:10]] == [None, None, None, None, None, 7]
     assert [row[1] for row in early_values[4:8]] == [1e-300, None, -7.0, float(2**63 - 1)]
     assert [row[2] for row in early_values[4:7]] == ["", None, None]
+
+
+def test_each_property_is_given_a_column_once_and_never_past_the_column_cap() -> None:
+    from clickstream_pipeline.records import KIND_BOOLEAN, KIND_INTEGER, KIND_STRING
+    from clickstream_pipeline.warehouse.base import MAX_PROPERTY_COLUMNS, PropertyColumns
+
+    filler = {f"filler_{i}": "bigint" for i in range(MAX_PROPERTY_COLUMNS - 4)}
+    existing = {"message_id": "text", "plan": "text", "score": "jsonb", **filler}
+    columns = PropertyColumns(existing, {"text": KIND_STRING, "bigint": KIND_INTEGER})
+
+    added = columns.add(
+        {
+            "plan": {KIND_INTEGER: 3},  # an existing column keeps its type
+            "score": {KIND_INTEGER: 1},  # a type the dialect cannot fill: stays in properties
+            "aNew": {KIND_BOOLEAN: 2},  # "aNew" and "a_new" share a column: the first wins
+            "a_new": {KIND_STRING: 5},
+            "b": {KIND_INTEGER: 1},
+            "c": {KIND_STRING: 1},  # the 401st property column: stays in properties
+        }
+    )
+    later = columns.add({"c": {KIND_INTEGER: 1}, "plan": {KIND_BOOLEAN: 1}, "d": {KIND_STRING: 1}})
+
+    assert added == [("a_new", KIND_BOOLEAN), ("b", KIND_INTEGER)]
+    assert later == []
+    assert columns.by_column() == [
+        ("aNew", "a_new", KIND_BOOLEAN),
+        ("b", "b", KIND_INTEGER),
+        ("plan", "plan", KIND_STRING),
+    ]

@@ -266,6 +266,55 @@ def property_columns(property_kinds: Mapping[str, Mapping[str, int]]) -> dict[st
     return columns
 
 
+class PropertyColumns:
+    """A table's flattened property columns, each property decided once.
+
+    A property gets its column, and the column its kind, the first time ``add`` sees it: an
+    existing column keeps its type (when ``kind_of_type`` reads it back as a kind; otherwise the
+    property stays in ``properties`` only), and a new one is added while the table has fewer than
+    ``MAX_PROPERTY_COLUMNS``. Both dialects decide through it; they differ only in their types.
+    """
+
+    def __init__(self, existing: Mapping[str, str], kind_of_type: Mapping[str, str]) -> None:
+        self.existing = dict(existing)  # column -> the dialect's data type
+        self.chosen: dict[str, tuple[str, str]] = {}  # property -> (column, kind)
+        self._kind_of_type = kind_of_type
+        self._decided: set[str] = set()
+        self._taken: set[str] = set()
+        self._count = len(set(existing) - set(BASE_COLUMNS))
+
+    def add(self, property_kinds: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str]]:
+        """Decide the properties not seen before; return the columns to add, by name."""
+        new = {name: kinds for name, kinds in property_kinds.items() if name not in self._decided}
+        self._decided.update(new)
+        added: list[tuple[str, str]] = []
+        for prop, (column, kind) in sorted(
+            property_columns(new).items(), key=lambda item: item[1][0]
+        ):
+            if column in self._taken:
+                continue
+            if column in self.existing:
+                existing_kind = self._kind_of_type.get(self.existing[column])
+                if existing_kind is not None:
+                    self.chosen[prop] = (column, existing_kind)
+                    self._taken.add(column)
+                continue
+            if self._count >= MAX_PROPERTY_COLUMNS:
+                continue
+            self._count += 1
+            self.chosen[prop] = (column, kind)
+            self._taken.add(column)
+            added.append((column, kind))
+        return added
+
+    def by_column(self) -> list[tuple[str, str, str]]:
+        """The chosen ``(property, column, kind)``s in column order."""
+        return sorted(
+            ((prop, column, kind) for prop, (column, kind) in self.chosen.items()),
+            key=lambda item: item[1],
+        )
+
+
 def column_kind(counts: Mapping[str, int]) -> str:
     """The kind of a new column: integers and numbers together are numbers; otherwise the most
     frequent kind (ties go to the more general kind). Other values stay in ``properties``."""

@@ -38,14 +38,12 @@ from clickstream_pipeline.records import (
     dump_json,
 )
 from clickstream_pipeline.warehouse.base import (
-    BASE_COLUMNS,
     LOADED_COLUMNS,
-    MAX_PROPERTY_COLUMNS,
     LedgerEntry,
     LoadResult,
     PartitionLoad,
+    PropertyColumns,
     open_connection,
-    property_columns,
 )
 
 LEDGER_SCHEMA = "clickstream"
@@ -207,7 +205,7 @@ class PostgresWarehouse:
                 cur.execute("SET LOCAL enable_seqscan = off")
                 cur.execute(sql.SQL("DELETE FROM {} WHERE _hour = %s").format(table), (load.hour,))
                 result.rows_replaced = cur.rowcount
-                columns = _PropertyColumns(self._column_types(cur, stream))
+                columns = PropertyColumns(self._column_types(cur, stream), _KIND_OF_SQL_TYPE)
                 chunks = _chunks(records, stats, columns, load.hour)
                 for chunk in prefetch(chunks, name=f"read {stream}"):
                     for column, kind in chunk.new_columns:
@@ -271,7 +269,7 @@ class PostgresWarehouse:
         cur: Any,
         table: sql.Identifier,
         hour: datetime,
-        columns: _PropertyColumns,
+        columns: PropertyColumns,
         late: list[tuple[str, str]],
         result: LoadResult,
     ) -> None:
@@ -387,49 +385,6 @@ def _add_column(
     result.new_columns.append(column)
 
 
-class _PropertyColumns:
-    """The table's flattened property columns, decided chunk by chunk.
-
-    A property gets its column, and the column its kind, in the first chunk where the property
-    appears, from the kinds seen up to the end of that chunk (so no earlier row of the load
-    holds it); a column that exists already keeps its type.
-    """
-
-    def __init__(self, existing: dict[str, str]) -> None:
-        self.existing = existing
-        self.chosen: dict[str, tuple[str, str]] = {}  # property -> (column, kind)
-        self._decided: set[str] = set()
-        self._count = len(set(existing) - set(BASE_COLUMNS))
-
-    def add(self, property_kinds: dict[str, dict[str, int]]) -> list[tuple[str, str]]:
-        """Decide the properties seen for the first time; return the columns to add."""
-        new = {name: kinds for name, kinds in property_kinds.items() if name not in self._decided}
-        if not new:
-            return []
-        self._decided.update(new)
-        taken = {column for column, _ in self.chosen.values()}
-        added: list[tuple[str, str]] = []
-        for prop, (column, kind) in sorted(
-            property_columns(new).items(), key=lambda item: item[1][0]
-        ):
-            if column in taken:
-                continue
-            if column in self.existing:
-                existing_kind = _KIND_OF_SQL_TYPE.get(self.existing[column])
-                if existing_kind is not None:
-                    self.chosen[prop] = (column, existing_kind)
-                    taken.add(column)
-                continue
-            if self._count >= MAX_PROPERTY_COLUMNS:
-                continue
-            self._count += 1
-            self.existing[column] = _SQL_TYPES[kind]
-            self.chosen[prop] = (column, kind)
-            taken.add(column)
-            added.append((column, kind))
-        return added
-
-
 @dataclass(frozen=True)
 class _Chunk:
     """Rows in COPY text format, each with its messageId, for the columns named."""
@@ -444,7 +399,7 @@ class _Chunk:
 def _chunks(
     records: Iterable[tuple[str, ValidRecord]],
     stats: ReadStats,
-    columns: _PropertyColumns,
+    columns: PropertyColumns,
     hour: datetime,
 ) -> Iterator[_Chunk]:
     """The rows of ``records`` in chunks of CHUNK_RECORDS, first copies only within a chunk.
@@ -468,13 +423,13 @@ class _ChunkWriter:
     """Formats rows as records arrive, for the property columns decided when it was made."""
 
     def __init__(
-        self, columns: _PropertyColumns, hour: datetime, new_columns: list[tuple[str, str]]
+        self, columns: PropertyColumns, hour: datetime, new_columns: list[tuple[str, str]]
     ) -> None:
-        chosen = sorted(columns.chosen.items(), key=lambda item: item[1][0])
-        self.columns = (*LOADED_COLUMNS, *(column for _, (column, _) in chosen))
+        chosen = columns.by_column()
+        self.columns = (*LOADED_COLUMNS, *(column for _, column, _ in chosen))
         self.new_columns = new_columns
-        self._position = {prop: index for index, (prop, _) in enumerate(chosen)}
-        self._formats = [_FORMATS[kind] for _, (_, kind) in chosen]
+        self._position = {prop: index for index, (prop, _, _) in enumerate(chosen)}
+        self._formats = [_FORMATS[kind] for _, _, kind in chosen]
         self._empty = [_NULL] * len(chosen)
         self._hour = hour.isoformat().encode()
         self._key, self._escaped_key = "", b""

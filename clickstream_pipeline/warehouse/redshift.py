@@ -44,14 +44,12 @@ from clickstream_pipeline.records import (
     value_kind,
 )
 from clickstream_pipeline.warehouse.base import (
-    BASE_COLUMNS,
     LOADED_COLUMNS,
-    MAX_PROPERTY_COLUMNS,
     LedgerEntry,
     LoadResult,
     PartitionLoad,
+    PropertyColumns,
     open_connection,
-    property_columns,
 )
 
 if TYPE_CHECKING:
@@ -596,25 +594,12 @@ class RedshiftWarehouse:
                 "WHERE table_schema = %s AND table_name = %s",
                 (stream.customer, stream.event),
             )
-            existing = {name: data_type for name, data_type in cur.fetchall()}
-            flattened = len(set(existing) - set(BASE_COLUMNS))
-            columns: list[tuple[str, str, str]] = []
-            new: list[str] = []
-            wanted = property_columns(stats.property_kinds)
-            for prop, (column, kind) in sorted(wanted.items(), key=lambda item: item[1][0]):
-                if column in existing:
-                    known = _KIND_OF_TYPE.get(existing[column])
-                    if known is not None:
-                        columns.append((prop, column, known))
-                    continue
-                if flattened >= MAX_PROPERTY_COLUMNS:
-                    continue
+            columns = PropertyColumns(dict(cur.fetchall()), _KIND_OF_TYPE)
+            new = columns.add(stats.property_kinds)
+            for column, kind in new:
                 cur.execute(add_column_sql(stream, column, kind))
                 conn.commit()
-                flattened += 1
-                columns.append((prop, column, kind))
-                new.append(column)
-        return columns, new
+        return columns.by_column(), [column for column, _ in new]
 
     def _stage(
         self, load: PartitionLoad, spool: IO[bytes], columns: list[tuple[str, str, str]]
