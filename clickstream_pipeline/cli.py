@@ -836,7 +836,20 @@ def health(daemon: bool) -> None:
     help="Where to write results.json, benchmarks.md and benchmarks.png "
     "(default: benchmarks/ and docs/, or a temporary folder with --quick).",
 )
-def bench(quick: bool, sizes: tuple[int, ...], only: tuple[str, ...], output: str | None) -> None:
+@click.option(
+    "--s3-bucket",
+    default=None,
+    help="Measure the scale part's S3 requests against this bucket, with this environment's AWS "
+    "credentials, instead of the local S3 server (its files go under a fresh prefix, deleted "
+    "afterwards).",
+)
+def bench(
+    quick: bool,
+    sizes: tuple[int, ...],
+    only: tuple[str, ...],
+    output: str | None,
+    s3_bucket: str | None,
+) -> None:
     """Measure the pipeline side by side with the COPY limit and with peers.
 
     Data plane (this project, COPY-only, naive inserts, dlt), orchestration (clickstream load and
@@ -868,20 +881,23 @@ def bench(quick: bool, sizes: tuple[int, ...], only: tuple[str, ...], output: st
         "skew": lambda: orchestration.run_skew(
             **({"customers": 5, "light": 200, "factor": 10} if quick else {})
         ),
-        "scale": lambda: scale.run(
-            **({"customers": 5, "events": 4, "backfill_hours": 1} if quick else {})
+        "scale": lambda: (
+            scale.run(customers=5, events=4, backfill_hours=1, s3_bucket=s3_bucket)
+            if quick
+            else scale.run(s3_bucket=s3_bucket)
         ),
     }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     for name in ("dataplane", "orchestration", "skew", "scale"):
         if name in parts:
             err.print(f"bench: {name} ...")
             began = time.perf_counter()
             results[name] = steps[name]()
             err.print(f"bench: {name} done in {time.perf_counter() - began:.0f} s")
+            # After each part: a later part that fails does not lose this one's figures.
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
     docs = base or Path("docs")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     docs.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
     drawn = report.chart(results, docs / "benchmarks.png")
     (docs / "benchmarks.md").write_text(
         report.markdown(results, "benchmarks.png" if drawn else None)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from clickstream_pipeline.cli import main
+from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import run_cli
 
 
@@ -109,3 +110,26 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
         main([*command, "--help"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.startswith(f"Usage: clickstream {' '.join(command)}".rstrip())
+
+
+def test_the_scale_bench_measures_against_a_given_bucket_and_leaves_it_as_it_was(
+    pipeline: dict[str, str], tmp_path: Path
+) -> None:
+    import json
+
+    # The session's S3 server stands in for S3: the bench must send its requests there, with
+    # this environment's credentials, not to the local server it starts for PostgreSQL.
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    done = run_cli(
+        *("bench", "--quick", "--only", "scale", "--s3-bucket", bucket, "--output", str(tmp_path)),
+        env=pipeline,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    scale = json.loads((tmp_path / "results.json").read_text())["scale"]
+    assert scale["s3"] == f"s3://{bucket}"
+    assert scale["discovery_first_tick"]["partitions_requested"] == 40  # 20 streams, 2 hours
+    assert scale["discovery_steady_tick"]["s3_requests"] == {"ListObjectsV2": 20}
+    assert scale["backfill_listing"]["s3_server_cpu_seconds"] is None
+    assert f"S3: s3://{bucket}" in (tmp_path / "benchmarks.md").read_text()
+    assert list_keys(bucket) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,8 +115,13 @@ def run_measured(
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {stderr.strip().splitlines()[-3:]}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        tail = stderr.strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"{' '.join(args)} failed ({how}){': ' + ' | '.join(tail) if tail else ''}"
+        )
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     return Measured(
         result=json.loads(lines[-1]) if lines else {},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ import psycopg2
 import psycopg2.extras
 
 from clickstream_pipeline.bench.common import Measured, run_measured, stack_process
+from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
 from clickstream_pipeline.layout import hour_floor, hour_prefix
 from clickstream_pipeline.names import Stream
@@ -29,10 +31,13 @@ from clickstream_pipeline.warehouse.base import LOADED_COLUMNS, snake_case
 STREAM = Stream("acme", "page_view")
 FILES = 4
 MODULE = "clickstream_pipeline.bench.dataplane"
+# Disk per row loaded, measured: 10,000,000 events through all four loaders took 36 GB at most.
+DISK_BYTES_PER_ROW = 1_000
 
 
 def run(sizes: list[int], peers: bool = True) -> dict[str, Any]:
     """Measure every loader; this project at each size, the peers at the largest."""
+    _check_disk(sum(sizes) + (3 * max(sizes) if peers else 0))
     results: dict[str, Any] = {"files_per_partition": FILES, "sizes": {}}
     first_hour = hour_floor(datetime.now(UTC)) - timedelta(days=2)
     with (
@@ -67,6 +72,19 @@ def run(sizes: list[int], peers: bool = True) -> dict[str, Any]:
                     )
             results["sizes"][str(events)] = entry
     return results
+
+
+def _check_disk(rows: int) -> None:
+    """Fail before starting, in one line, when the temporary folder cannot hold every loader's
+    rows (PostgreSQL's tables and WAL, and the exported rows): a full disk would fail a loader
+    part-way, after minutes of work."""
+    folder = tempfile.gettempdir()
+    need, free = rows * DISK_BYTES_PER_ROW, shutil.disk_usage(folder).free
+    if free < need:
+        raise ClickstreamError(
+            f"the data-plane benchmark needs about {need / 1e9:.0f} GB free in {folder} "
+            f"({free / 1e9:.0f} GB are); set TMPDIR to a larger disk or pass smaller --events"
+        )
 
 
 def _settle(url: str) -> None:

@@ -11,10 +11,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from clickstream_pipeline.bench.common import StackProcess, run_measured, stack_process
 from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
@@ -22,6 +24,9 @@ from clickstream_pipeline.layout import hour_floor, hour_key
 from clickstream_pipeline.metrics import s3_requests
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline.s3 import s3_client
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import ObjectIdentifierTypeDef
 
 MODULE = "clickstream_pipeline.bench.scale"
 T = TypeVar("T")
@@ -42,17 +47,45 @@ def _timed(action: Callable[[], T]) -> tuple[T, float]:
     return value, round(time.perf_counter() - began, 3)
 
 
-def _listed(action: Callable[[], T], stack: StackProcess) -> tuple[T, dict[str, Any]]:
+def _listed(action: Callable[[], T], server: StackProcess | None) -> tuple[T, dict[str, Any]]:
     """Run a listing step: its wall time, and the CPU it cost here and in the local S3 server
-    (which bounds listing on this machine; see the report)."""
-    before, client, server = s3_requests(), time.process_time(), stack.cpu_seconds()
+    (which bounds listing on this machine; see the report), None for S3 itself."""
+    before, client = s3_requests(), time.process_time()
+    server_before = server.cpu_seconds() if server else 0.0
     value, seconds = _timed(action)
     return value, {
         "seconds": seconds,
         "s3_requests": _requests(before),
         "client_cpu_seconds": round(time.process_time() - client, 2),
-        "s3_server_cpu_seconds": round(stack.cpu_seconds() - server, 2),
+        "s3_server_cpu_seconds": (
+            round(server.cpu_seconds() - server_before, 2) if server else None
+        ),
     }
+
+
+@contextmanager
+def _bucket(stack: StackProcess, s3_bucket: str | None) -> Iterator[tuple[dict[str, str], str]]:
+    """The environment and raw prefix to measure with: the local stack's, or with ``s3_bucket``
+    the stack's PostgreSQL and this environment's AWS settings, under a fresh prefix of that
+    bucket that is deleted afterwards."""
+    if s3_bucket is None:
+        yield stack.env, "raw"
+        return
+    root = f"clickstream-bench/{uuid.uuid4().hex[:12]}"
+    env = {name: value for name, value in stack.env.items() if not name.startswith("AWS_")}
+    env |= {"CLICKSTREAM_BUCKET": s3_bucket, "CLICKSTREAM_RAW_PREFIX": f"{root}/raw"}
+    try:
+        yield env, f"{root}/raw"
+    finally:
+        client = s3_client()
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=s3_bucket, Prefix=f"{root}/"
+        ):
+            keys: list[ObjectIdentifierTypeDef] = [
+                {"Key": obj["Key"]} for obj in page.get("Contents", [])
+            ]
+            if keys:
+                client.delete_objects(Bucket=s3_bucket, Delete={"Objects": keys, "Quiet": True})
 
 
 def _requests(before: dict[str, int]) -> dict[str, int]:
@@ -60,7 +93,11 @@ def _requests(before: dict[str, int]) -> dict[str, int]:
     return {op: n - before.get(op, 0) for op, n in after.items() if n - before.get(op, 0)}
 
 
-def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dict[str, Any]:
+def run(
+    customers: int = 100, events: int = 20, backfill_hours: int = 24, s3_bucket: str | None = None
+) -> dict[str, Any]:
+    """Measure the scale steps against the local stack, or with ``s3_bucket`` against that S3
+    bucket (this environment's AWS credentials) with the local PostgreSQL."""
     import dagster as dg
 
     from clickstream_pipeline.resources import (
@@ -80,8 +117,10 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
     with (
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
         stack_process(Path(root) / "stack") as stack,
+        _bucket(stack, s3_bucket) as (env, raw),
     ):
-        env = stack.env
+        server = None if s3_bucket else stack
+        results["s3"] = f"s3://{s3_bucket}" if s3_bucket else "local (moto)"
         os.environ.update(env)
         home = Path(tempfile.mkdtemp(dir=root))
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -98,9 +137,9 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
         )
         YamlFileRegistry(registry).save(Registry().with_streams(spec.streams))
         client, bucket = s3_client(), env["CLICKSTREAM_BUCKET"]
-        write_files(client, bucket, generate_files(spec, "raw", new_hour))
+        write_files(client, bucket, generate_files(spec, raw, new_hour))
         old = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=3)})
-        write_files(client, bucket, generate_files(old, "raw", new_hour))
+        write_files(client, bucket, generate_files(old, raw, new_hour))
 
         defs_load = run_measured([MODULE, "defs"], {})
         results["definitions_load_seconds"] = defs_load.result["seconds"]
@@ -130,7 +169,7 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
                 assert isinstance(result, dg.SensorResult)
                 return result
 
-            first, cost = _listed(lambda: tick(None), stack)
+            first, cost = _listed(lambda: tick(None), server)
             results["discovery_first_tick"] = {
                 **cost,
                 "partitions_requested": sum(
@@ -145,7 +184,7 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
             steady_cursor = json.dumps(
                 {"scanned": sorted(s.key for s in spec.streams), "requested": {}}
             )
-            steady, cost = _listed(lambda: tick(steady_cursor), stack)
+            steady, cost = _listed(lambda: tick(steady_cursor), server)
             results["discovery_steady_tick"] = {
                 **cost,
                 "new_files": streams,
@@ -153,8 +192,8 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
                 "runs_requested": len(steady.run_requests or []),
             }
             older = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=4)})
-            write_files(client, bucket, generate_files(older, "raw", new_hour))
-            _, cost = _listed(lambda: tick(steady_cursor), stack)
+            write_files(client, bucket, generate_files(older, raw, new_hour))
+            _, cost = _listed(lambda: tick(steady_cursor), server)
             results["discovery_steady_tick_bigger_bucket"] = {
                 **cost,
                 "new_files": streams,
@@ -185,7 +224,7 @@ def run(customers: int = 100, events: int = 20, backfill_hours: int = 24) -> dic
                 new_hour + timedelta(hours=1),
                 DiscoveryResource(grace_minutes=0),
             ),
-            stack,
+            server,
         )
         results["backfill_listing"] = {**cost, "hours": backfill_hours, "pending": len(pending)}
         results["graphql"] = run_measured([MODULE, "graphql", str(home)], {}).result
