@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import dagster as dg
 import psycopg2
@@ -35,6 +35,40 @@ if TYPE_CHECKING:
 H1 = recent_hour(3)
 
 
+def read_body(handler: BaseHTTPRequestHandler) -> bytes | None:
+    """The request's body, read whole (S3 clients send Content-Length)."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    return handler.rfile.read(length) if length else None
+
+
+def forward(
+    handler: BaseHTTPRequestHandler, upstream: SplitResult, body: bytes | None
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """Send the handler's request to the upstream S3 server; its status, headers and body."""
+    connection = http.client.HTTPConnection(upstream.netloc)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() != "host"}
+    headers["Host"] = upstream.netloc
+    try:
+        connection.request(handler.command, handler.path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        connection.close()
+
+
+def send_head(
+    handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], length: int
+) -> None:
+    """Answer with ``status`` and ``headers`` for a body of ``length`` bytes (hop-by-hop
+    headers dropped: the proxy sends the body whole, with its own length)."""
+    handler.send_response(status)
+    for key, value in headers:
+        if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+
+
 class FaultyS3:
     """An HTTP proxy in front of the local S3 server that answers some requests itself with
     503 Slow Down or 500 InternalError, as S3 does under load."""
@@ -52,8 +86,7 @@ class FaultyS3:
                 pass
 
             def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
+                body = read_body(self)
                 with proxy._lock:
                     proxy.requests += 1
                     fault = proxy.requests % proxy.every == 0
@@ -65,27 +98,13 @@ class FaultyS3:
                     payload = (
                         f"<Error><Code>{name}</Code><Message>injected</Message></Error>".encode()
                     )
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
+                    send_head(self, code, [("Content-Type", "application/xml")], len(payload))
                     self.wfile.write(payload)
                     return
-                connection = http.client.HTTPConnection(proxy.upstream.netloc)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["Host"] = proxy.upstream.netloc
-                connection.request(self.command, self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+                status, headers, data = forward(self, proxy.upstream, body)
+                send_head(self, status, headers, len(data))
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                connection.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -405,21 +424,8 @@ class StallingS3:
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True
                     return
-                connection = http.client.HTTPConnection(proxy.upstream.netloc)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["Host"] = proxy.upstream.netloc
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                connection.request(self.command, self.path, body=body, headers=headers)
-                response = connection.getresponse()
-                data = response.read()
-                connection.close()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+                status, headers, data = forward(self, proxy.upstream, read_body(self))
+                send_head(self, status, headers, len(data))
                 if self.command == "HEAD":
                     return
                 if stall == "body":
