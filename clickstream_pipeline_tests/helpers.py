@@ -81,6 +81,17 @@ def query(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[
     return rows
 
 
+def new_database(url: str, name: str) -> str:
+    """An empty database ``name`` on the server of ``url`` (dropped first if it exists); its URL."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cur.execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return url.replace("/clickstream?", f"/{name}?")
+
+
 def message_ids(url: str, stream: Stream) -> dict[str, datetime]:
     """message_id -> _hour of every row in the stream's table."""
     rows = query(url, f'SELECT message_id, _hour FROM "{stream.customer}"."{stream.event}"')

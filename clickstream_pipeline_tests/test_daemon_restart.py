@@ -19,6 +19,7 @@ import yaml
 
 from clickstream_pipeline.jobs import LOAD_JOB
 from clickstream_pipeline.local.stack import DAGSTER_YAML
+from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline_tests.helpers import message_ids, query
 from clickstream_pipeline_tests.test_faults import _copy_backend, write_partition
@@ -82,16 +83,24 @@ def load_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
     )
 
 
-def test_a_daemon_killed_mid_run_is_retried_to_an_exact_load(
-    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
-) -> None:
-    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
-    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 100_000, files=2, seed=21)
+def one_stream_instance(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str, seed: int
+) -> tuple[Stream, Path, dict[str, str]]:
+    """A registry of one stream with an hour of 100,000 events in 2 files, and a Dagster home
+    with run monitoring and retries: the stream, the home and the daemon's environment."""
+    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 100_000, files=2, seed=seed)
     YamlFileRegistry(registry_path).save(Registry().with_streams([stream]))
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(instance_yaml())
-    env = {**os.environ, **pipeline, "DAGSTER_HOME": str(home)}
+    return stream, home, {**os.environ, **pipeline, "DAGSTER_HOME": str(home)}
+
+
+def test_a_daemon_killed_mid_run_is_retried_to_an_exact_load(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    stream, home, env = one_stream_instance(pipeline, registry_path, tmp_path, customer, seed=21)
     ledger_rows = "SELECT count(*) FROM clickstream.load_ledger WHERE stream = %s"
 
     with daemon(env, tmp_path / "daemon-1.log") as first:
@@ -137,12 +146,7 @@ def test_a_daemon_killed_alone_mid_run_leaves_the_run_to_finish(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
 ) -> None:
     url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
-    stream = write_partition(pipeline["CLICKSTREAM_BUCKET"], customer, 100_000, files=2, seed=22)
-    YamlFileRegistry(registry_path).save(Registry().with_streams([stream]))
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(instance_yaml())
-    env = {**os.environ, **pipeline, "DAGSTER_HOME": str(home)}
+    stream, home, env = one_stream_instance(pipeline, registry_path, tmp_path, customer, seed=22)
 
     with (
         dg.DagsterInstance.from_config(str(home)) as instance,

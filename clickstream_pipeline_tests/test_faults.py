@@ -35,6 +35,21 @@ if TYPE_CHECKING:
 H1 = recent_hour(3)
 
 
+class ProxyHandler(BaseHTTPRequestHandler):
+    """A fault-injecting proxy's handler: every method goes to ``_handle``; no access log."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _handle(self) -> None:
+        raise NotImplementedError
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+
 def read_body(handler: BaseHTTPRequestHandler) -> bytes | None:
     """The request's body, read whole (S3 clients send Content-Length)."""
     length = int(handler.headers.get("Content-Length") or 0)
@@ -81,10 +96,7 @@ class FaultyS3:
         self._lock = threading.Lock()
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(ProxyHandler):
             def _handle(self) -> None:
                 body = read_body(self)
                 with proxy._lock:
@@ -105,8 +117,6 @@ class FaultyS3:
                 send_head(self, status, headers, len(data))
                 if self.command != "HEAD":
                     self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -403,10 +413,7 @@ class StallingS3:
         self._lock = threading.Lock()
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(ProxyHandler):
             def _handle(self) -> None:
                 with proxy._lock:
                     if proxy.first_accept is None:
@@ -435,8 +442,6 @@ class StallingS3:
                     self.close_connection = True
                     return
                 self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
         class Server(ThreadingHTTPServer):
             request_queue_size = 0  # one pending connection fills the backlog

@@ -26,7 +26,14 @@ from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.base import StreamTotals, stream_totals
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
-from clickstream_pipeline_tests.helpers import free_port, put_file, query, recent_hour, record
+from clickstream_pipeline_tests.helpers import (
+    free_port,
+    new_database,
+    put_file,
+    query,
+    recent_hour,
+    record,
+)
 
 H1, H2 = recent_hour(3), recent_hour(2)
 
@@ -105,14 +112,7 @@ def hour_key(stream: Stream, hour: datetime) -> str:
 def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
     local_stack: dict[str, str],
 ) -> None:
-    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS old_ledger WITH (FORCE)")
-        cur.execute("CREATE DATABASE old_ledger")
-    conn.close()
-    old = url.replace("/clickstream?", "/old_ledger?")
+    old = new_database(local_stack["CLICKSTREAM_WAREHOUSE_URL"], "old_ledger")
     with psycopg2.connect(old) as setup, setup.cursor() as cur:
         cur.execute(
             "CREATE SCHEMA clickstream; CREATE TABLE clickstream.load_ledger (stream text NOT "

@@ -19,7 +19,14 @@ from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse, part_count
 from clickstream_pipeline_tests.conftest import list_keys
-from clickstream_pipeline_tests.helpers import message_ids, put_file, query, recent_hour, record
+from clickstream_pipeline_tests.helpers import (
+    message_ids,
+    new_database,
+    put_file,
+    query,
+    recent_hour,
+    record,
+)
 from clickstream_pipeline_tests.redshift_on_postgres import (
     Faults,
     RedshiftOnPostgres,
@@ -39,14 +46,7 @@ def stream(customer: str) -> Stream:
 @pytest.fixture(scope="session")
 def redshift_db(local_stack: dict[str, str]) -> str:
     """A database of its own on the embedded server: Redshift's ledger differs from PostgreSQL's."""
-    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS redshift_emulation WITH (FORCE)")
-        cur.execute("CREATE DATABASE redshift_emulation")
-    conn.close()
-    emulation = url.replace("/clickstream?", "/redshift_emulation?")
+    emulation = new_database(local_stack["CLICKSTREAM_WAREHOUSE_URL"], "redshift_emulation")
     install_shims(emulation)
     return emulation
 
@@ -432,14 +432,7 @@ OLD_LEDGER_DDL = (
 def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
     pipeline: dict[str, str], local_stack: dict[str, str], stream: Stream
 ) -> None:
-    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("DROP DATABASE IF EXISTS redshift_old_ledger WITH (FORCE)")
-        cur.execute("CREATE DATABASE redshift_old_ledger")
-    conn.close()
-    old = url.replace("/clickstream?", "/redshift_old_ledger?")
+    old = new_database(local_stack["CLICKSTREAM_WAREHOUSE_URL"], "redshift_old_ledger")
     install_shims(old)
     with psycopg2.connect(old) as setup, setup.cursor() as cur:
         cur.execute('CREATE SCHEMA "clickstream"')
