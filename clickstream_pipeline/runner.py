@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from sqlalchemy.exc import IntegrityError
 
 from clickstream_pipeline.discovery import PendingPartition, range_pending
 from clickstream_pipeline.jobs import LOAD_JOB, PARTITIONS_TAG, run_config_for
@@ -99,9 +100,19 @@ def run_load(
 def sync_registry(instance: dg.DagsterInstance) -> tuple[Stream, ...]:
     """The registry's streams, each a ``stream`` partition (added when missing)."""
     streams = RegistryResource().load().streams
+    try:
+        _add_stream_partitions(instance, streams)
+    except IntegrityError:
+        # Another process (a second `clickstream load`, the daemon applying the registry
+        # sensor's requests) added some of the same keys between our read and our insert:
+        # what is still missing is read again and added.
+        _add_stream_partitions(instance, streams)
+    return streams
+
+
+def _add_stream_partitions(instance: dg.DagsterInstance, streams: tuple[Stream, ...]) -> None:
     for request in stream_partition_requests(instance, streams):
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return streams
 
 
 def backfill_pending(
