@@ -10,8 +10,8 @@ from typing import Any
 import dagster as dg
 
 from clickstream_pipeline.errors import ClickstreamError
-from clickstream_pipeline.jobs import load_partitions_job
-from clickstream_pipeline.metrics import run_partitions, stream_of
+from clickstream_pipeline.layout import stream_of
+from clickstream_pipeline.metrics import run_partitions
 from clickstream_pipeline.resources import WarehouseResource
 from clickstream_pipeline.warehouse.base import recent_load_seconds, stream_totals
 
@@ -84,8 +84,8 @@ class AlertResource(dg.ConfigurableResource):
             response.read()
 
 
+# Every job of this code location: the batch load job and runs of the tables' asset.
 @dg.run_failure_sensor(
-    monitored_jobs=[load_partitions_job],
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="One alert per failed load run, with its failed partitions and a link.",
 )
@@ -99,9 +99,7 @@ def load_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: Alert
         value = metadata.get("failed")
         if value is not None:
             failed.update(value.value)  # type: ignore[arg-type]
-    config: Any = run.run_config.get("ops", {})
-    requested = config.get("load_partitions", {}).get("config", {}).get("partitions", [])
-    keys = sorted(failed) or list(requested)
+    keys = sorted(failed) or run_partitions(run)
     reason = next(iter(failed.values()), context.failure_event.message or "run failed")
     first = keys[0] if keys else "?|?"
     hour, _, stream = first.partition("|")

@@ -1,165 +1,159 @@
-"""Assets: the raw files of each (stream, hour) in S3 and the warehouse rows loaded from them."""
+"""Assets, built from the registry: one per warehouse table and one per table's raw files.
 
-import json
-from typing import Any
+Table ``acme.page_view`` is the asset ``acme/page_view`` in group ``acme``; its raw files in S3
+are the asset ``raw/acme/page_view``, which the discovery sensor reports as materialized hour by
+hour. Every table is an output of one subsettable ``warehouse_tables`` multi-asset, so a UI or
+CLI backfill over any tables and hours runs as few runs of many (table, hour)s, loaded by
+``batch.load_batch`` like the sensor's batch job.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from clickstream_pipeline.layout import parse_hour_key
-from clickstream_pipeline.loader import LoadOutcome, load_partition
-from clickstream_pipeline.partitions import parse_partition_key, stream_hour_partitions
-from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
-from clickstream_pipeline.warehouse.base import SourceFile
-
-GROUP = "clickstream"
-QUARANTINE_CHECK = "no_quarantined_records"
-# Retries inside a run: S3 and warehouse hiccups, with exponential backoff and jitter.
-STEP_RETRY = dg.RetryPolicy(
-    max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+from clickstream_pipeline.batch import (
+    QUARANTINE_CHECK,
+    STEP_RETRY,
+    WAREHOUSE_POOL,
+    BatchResult,
+    column_schema,
+    load_batch,
 )
-_LISTED_KEYS = 50  # keys shown in metadata; the count and totals cover all files
-
-raw_events_key = dg.AssetKey("raw_events")
-warehouse_events_key = dg.AssetKey("warehouse_events")
-
-
-# Concurrency pool shared by everything that writes to the warehouse (the batch op, or a
-# one-partition materialization); production sets its limit in dagster.yaml (`deploy/`).
-WAREHOUSE_POOL = "warehouse"
-
-
-@dg.asset(
-    key=raw_events_key,
-    partitions_def=stream_hour_partitions,
-    group_name=GROUP,
-    retry_policy=STEP_RETRY,
-    kinds={"s3"},
+from clickstream_pipeline.discovery import range_pending
+from clickstream_pipeline.layout import load_key, stream_prefix
+from clickstream_pipeline.names import Stream
+from clickstream_pipeline.partitions import (
+    hourly_partitions,
+    raw_asset_key,
+    stream_of_table,
+    table_asset_key,
 )
-def raw_events(context: dg.AssetExecutionContext, s3: S3StorageResource) -> dg.MaterializeResult:
-    """The (stream, hour)'s newline-delimited JSON files in S3, as written by the microbatcher."""
-    stream, hour = parse_partition_key(context.partition_key)
-    files = s3.store().list_partition(stream, hour)
-    return dg.MaterializeResult(metadata=raw_metadata(files))
+from clickstream_pipeline.resources import DiscoveryResource, S3StorageResource, WarehouseResource
+from clickstream_pipeline.warehouse.base import BASE_COLUMNS
 
-
-@dg.asset(
-    key=warehouse_events_key,
-    partitions_def=stream_hour_partitions,
-    deps=[raw_events],
-    group_name=GROUP,
-    retry_policy=STEP_RETRY,
-    kinds={"postgres", "redshift"},
-    pool=WAREHOUSE_POOL,
-    check_specs=[dg.AssetCheckSpec(QUARANTINE_CHECK, asset=warehouse_events_key)],
+TABLES_ASSET = "warehouse_tables"
+# A run of the tables lists and loads this many (table, hour)s at a time, so its memory is
+# bounded whatever the range: a year of one table, or a day of 416 tables, per step.
+CHUNK_PARTITIONS = 10_000
+# The UI shows a table as stale when no hour has been loaded for this long (next to the
+# webhook alert of stream_freshness_alert_sensor, which reads the ledger).
+FRESHNESS = dg.FreshnessPolicy.time_window(
+    fail_window=timedelta(hours=3), warn_window=timedelta(hours=2)
 )
-def warehouse_events(
-    context: dg.AssetExecutionContext, s3: S3StorageResource, warehouse: WarehouseResource
-) -> dg.MaterializeResult:
-    """The (stream, hour)'s validated, deduplicated, flattened rows in table <customer>.<event>."""
-    stream, hour = parse_partition_key(context.partition_key)
-    outcome = load_partition(
-        s3.store(), warehouse.warehouse(), stream, hour, run_id=context.op_execution_context.run_id
-    )
-    context.log.info(
-        load_log_line(context.partition_key, context.op_execution_context.run_id, outcome)
-    )
-    return dg.MaterializeResult(
-        metadata=load_metadata(outcome), check_results=[quarantine_check_result(outcome)]
-    )
+_BASE_TYPES = {
+    "message_id": "text",
+    "user_id": "text",
+    "anonymous_id": "text",
+    "event_name": "text",
+    "event_timestamp": "timestamp with time zone",
+    "sent_at": "timestamp with time zone",
+    "received_at": "timestamp with time zone",
+    "properties": "jsonb / SUPER",
+    "context": "jsonb / SUPER",
+    "_hour": "timestamp with time zone",
+    "_source_key": "text",
+    "_loaded_at": "timestamp with time zone",
+}
+BASE_SCHEMA = column_schema([(column, _BASE_TYPES[column]) for column in BASE_COLUMNS])
 
 
-def raw_metadata(files: tuple[SourceFile, ...]) -> dict[str, Any]:
-    return {
-        "files": len(files),
-        "bytes": sum(f.size for f in files),
-        "keys": dg.MetadataValue.json(
-            [{"key": f.key, "size": f.size, "etag": f.etag} for f in files[:_LISTED_KEYS]]
-        ),
-    }
-
-
-def load_metadata(outcome: LoadOutcome) -> dict[str, Any]:
-    metadata: dict[str, Any] = {
-        "table": f"{outcome.stream.customer}.{outcome.stream.event}",
-        "files": len(outcome.files),
-        "bytes": outcome.bytes,
-        "fingerprint": outcome.fingerprint,
-        "unchanged": outcome.skipped,
-        "seconds": round(outcome.seconds, 3),
-    }
-    if not outcome.skipped:
-        metadata.update(
-            records_read=outcome.records_read,
-            duplicates_dropped=outcome.duplicates,
-            quarantined=outcome.quarantined,
-            rows_loaded=outcome.rows_loaded,
-            rows_replaced=outcome.rows_replaced,
-            new_columns=dg.MetadataValue.json(outcome.new_columns),
-        )
-        if outcome.seconds > 0:
-            metadata["events_per_second"] = round(outcome.records_read / outcome.seconds)
-    return metadata
-
-
-def quarantine_check_result(outcome: LoadOutcome) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        check_name=QUARANTINE_CHECK,
-        asset_key=warehouse_events_key,
-        passed=outcome.quarantined == 0,
-        metadata=_check_metadata(outcome),
+def raw_spec(stream: Stream, raw_prefix: str) -> dg.AssetSpec:
+    """The stream's raw files: an external asset the discovery sensor reports on."""
+    return dg.AssetSpec(
+        raw_asset_key(stream),
+        description=f"Raw events of {stream.key} in S3: newline-delimited JSON files under "
+        f"`{stream_prefix(raw_prefix, stream)}date=YYYY-MM-DD/hour=HH/`, written by the "
+        "microbatcher.",
+        partitions_def=hourly_partitions,
+        group_name=stream.customer,
+        kinds={"s3"},
     )
 
 
-def quarantine_check_evaluation(outcome: LoadOutcome, partition: str) -> dg.AssetCheckEvaluation:
-    """The same check, reported for one partition of a batch run."""
-    return dg.AssetCheckEvaluation(
-        asset_key=warehouse_events_key,
-        check_name=QUARANTINE_CHECK,
-        passed=outcome.quarantined == 0,
-        metadata=_check_metadata(outcome),
-        partition=partition,
+def table_spec(stream: Stream, warehouse_kind: str) -> dg.AssetSpec:
+    """The stream's warehouse table, loaded hour by hour from its raw files."""
+    return dg.AssetSpec(
+        table_asset_key(stream),
+        description=f"Table {stream.key}: the validated, deduplicated (by messageId) events "
+        f"{stream.event!r} of customer {stream.customer!r}, properties flattened into typed "
+        "columns, one hour per partition.",
+        deps=[raw_asset_key(stream)],
+        partitions_def=hourly_partitions,
+        group_name=stream.customer,
+        kinds={warehouse_kind},
+        # A run selecting this table loads only the hours whose files are new or changed.
+        skippable=True,
+        freshness_policy=FRESHNESS,
+        metadata={"dagster/table_name": stream.key, "dagster/column_schema": BASE_SCHEMA},
     )
 
 
-def _check_metadata(outcome: LoadOutcome) -> dict[str, Any]:
-    return {
-        "quarantined": outcome.quarantined,
-        "quarantine_keys": dg.MetadataValue.json(outcome.quarantine_keys[:_LISTED_KEYS]),
-    }
+def table_assets(
+    streams: tuple[Stream, ...], raw_prefix: str, warehouse_kind: str
+) -> list[dg.AssetSpec | dg.AssetsDefinition]:
+    """Every stream's raw and table assets; the tables are the outputs of one multi-asset."""
+    if not streams:
+        return []
 
+    @dg.multi_asset(
+        name=TABLES_ASSET,
+        specs=[table_spec(stream, warehouse_kind) for stream in streams],
+        check_specs=[
+            dg.AssetCheckSpec(
+                QUARANTINE_CHECK,
+                asset=table_asset_key(stream),
+                partitions_def=hourly_partitions,
+                description="No record of the hour went to quarantine.",
+            )
+            for stream in streams
+        ],
+        partitions_def=hourly_partitions,
+        can_subset=True,
+        # One run per backfill: it lists each table once over the whole range, and the
+        # `dagster asset materialize --partition-range` command needs it.
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        retry_policy=STEP_RETRY,
+        pool=WAREHOUSE_POOL,
+    )
+    def warehouse_tables(
+        context: dg.AssetExecutionContext,
+        s3: S3StorageResource,
+        warehouse: WarehouseResource,
+        discovery: DiscoveryResource,
+    ) -> Iterator[dg.MaterializeResult]:
+        """Load the selected tables' hours whose raw files are new or changed."""
+        window = context.partition_time_window
+        selected = [stream_of_table(key) for key in sorted(context.selected_asset_keys)]
+        hours = round((window.end - window.start) / timedelta(hours=1))
+        store, target = s3.store(), warehouse.warehouse()
+        result = BatchResult()
+        per_chunk = max(1, CHUNK_PARTITIONS // hours)
+        for start in range(0, len(selected), per_chunk):
+            chunk = selected[start : start + per_chunk]
+            pending = range_pending(
+                store, target, chunk, window.start, window.end, datetime.now(UTC), timedelta(0)
+            )
+            listed = {load_key(item.stream, item.hour): item.files for item in pending}
+            result.add(
+                load_batch(
+                    context.op_execution_context,
+                    list(listed),
+                    store,
+                    target,
+                    discovery.concurrency,
+                    listed,
+                    report_raw=True,
+                )
+            )
+            context.log.info(
+                f"{start + len(chunk)} of {len(selected)} tables x {hours} hours: "
+                f"{result.requested} (table, hour)s had new or changed files, "
+                f"{result.loaded} loaded, {len(result.failures)} failed"
+            )
+        result.raise_failures()
+        # Each (table, hour) was reported as it loaded; an unchanged one is not reported again.
+        yield from ()
 
-def load_log_line(
-    key: str, run_id: str, outcome: LoadOutcome | None = None, error: str | None = None
-) -> str:
-    """One structured JSON line per partition load, for log search (Loki, Elasticsearch) by
-    stream and hour: ``{"event": "partition_load", "stream", "hour", "run_id", "outcome", ...}``."""
-    hour_key, _, stream = key.partition("|")
-    try:
-        hour = parse_hour_key(hour_key).isoformat()
-    except ValueError:
-        hour = hour_key  # a malformed key is logged as given: logging must never fail a load
-    line: dict[str, Any] = {
-        "event": "partition_load",
-        "stream": stream,
-        "hour": hour,
-        "run_id": run_id,
-    }
-    if outcome is None:
-        line.update(outcome="failed", error=error)
-    elif outcome.skipped:
-        line.update(
-            outcome="unchanged", files=len(outcome.files), seconds=round(outcome.seconds, 3)
-        )
-    else:
-        line.update(
-            outcome="loaded",
-            files=len(outcome.files),
-            bytes=outcome.bytes,
-            records=outcome.records_read,
-            rows=outcome.rows_loaded,
-            duplicates=outcome.duplicates,
-            quarantined=outcome.quarantined,
-            new_columns=outcome.new_columns,
-            seconds=round(outcome.seconds, 3),
-        )
-    return json.dumps(line, separators=(",", ":"))
+    raw = [raw_spec(stream, raw_prefix) for stream in streams]
+    return [*raw, warehouse_tables]

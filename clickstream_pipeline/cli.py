@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clickstream_pipeline.config import Settings
-from clickstream_pipeline.errors import ClickstreamError, first_line
+from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.generator import (
     GenerationReport,
     GeneratorSpec,
@@ -33,7 +33,7 @@ from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.registry import registry_backend
+from clickstream_pipeline.registry import Registry, registry_backend
 from clickstream_pipeline.s3 import ensure_bucket, s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from dagster import DagsterInstance
 
     from clickstream_pipeline.discovery import PendingPartition
+    from clickstream_pipeline.resources import DiscoveryResource
     from clickstream_pipeline.runner import LoadSummary
-    from clickstream_pipeline.sensors import DiscoveryResource
 
 # Tables keep their columns readable when output goes to a file or a CI log, not a terminal.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
@@ -341,16 +341,14 @@ def _quiet_dagster_warnings() -> None:
 def _run_load(**discovery_settings: int) -> LoadSummary:
     """Load through Dagster."""
     _quiet_dagster_warnings()
-    from clickstream_pipeline.definitions import defs
+    from clickstream_pipeline.resources import DiscoveryResource
     from clickstream_pipeline.runner import dagster_instance, run_load
-    from clickstream_pipeline.sensors import DiscoveryResource
 
     discovery = DiscoveryResource(**discovery_settings)
     instance = dagster_instance()
     with _progress() as progress:
         task = progress.add_task("discovering", total=None)
         summary = run_load(
-            defs,
             instance,
             discovery,
             on_start=lambda total: progress.update(task, description="loading", total=total),
@@ -359,6 +357,7 @@ def _run_load(**discovery_settings: int) -> LoadSummary:
     return summary
 
 
+HOUR = timedelta(hours=1)
 # A backfill's runs are few and large: each run costs a process (a pod on Kubernetes) and about
 # 0.1 s to queue, so 48,000 partitions go in 48 runs.
 BACKFILL_BATCH_SIZE = 1_000
@@ -389,8 +388,8 @@ BACKFILL_BATCH_SIZE = 1_000
     "--submit",
     "webserver",
     metavar="URL",
-    help="Queue the runs on this Dagster webserver (its daemon launches them) instead of "
-    "running them here.",
+    help="Launch a Dagster backfill of the tables on this webserver (its daemon runs it) "
+    "instead of loading here.",
 )
 @functools.partial(_load_options, batch_size=BACKFILL_BATCH_SIZE)
 def backfill(
@@ -405,8 +404,9 @@ def backfill(
     """Load every hour of a range whose files are not loaded yet, however old.
 
     The sensors look back 24 hours; this covers any range, in batch runs of many partitions
-    (each partition's status shows in the Dagster UI). Runs here by default, or is queued on a
-    webserver with --submit. Hours already loaded with the same files are left alone.
+    (each partition's status shows in the Dagster UI). Runs here by default; with --submit it
+    launches Dagster's own asset backfill of the tables on a webserver, as the UI's
+    "Materialize" does. Hours already loaded with the same files are left alone.
     """
     since = _parse_hour("--since", since_text)
     until = _parse_hour("--until", until_text) if until_text else hour_floor(datetime.now(UTC))
@@ -417,28 +417,25 @@ def backfill(
     settings.require_warehouse_url()
     _quiet_dagster_warnings()
     from clickstream_pipeline.partitions import FIRST_HOUR_TIME
-    from clickstream_pipeline.runner import backfill_pending, dagster_instance, sync_registry
-    from clickstream_pipeline.sensors import DiscoveryResource
+    from clickstream_pipeline.registry import load_registry
+    from clickstream_pipeline.resources import DiscoveryResource
+    from clickstream_pipeline.runner import backfill_pending, dagster_instance
 
     if since < FIRST_HOUR_TIME:
         raise ClickstreamError(f"--since is before the first partition hour, {FIRST_HOUR_TIME}")
     discovery = DiscoveryResource(
         batch_size=batch_size, concurrency=concurrency, grace_minutes=grace_minutes
     )
+    registry = load_registry()
+    streams = _select_streams(registry.streams, stream_keys)
+    if webserver:
+        _submit_backfill(webserver, streams, since, until)
+        return
     instance = dagster_instance()
-    registered = sync_registry(instance)
-    streams = _select_streams(registered, stream_keys)
     with _progress() as progress:
         progress.add_task("listing files", total=None)
         pending = backfill_pending(streams, since, until, discovery)
-    if webserver:
-        run_ids = _submit_backfill(webserver, pending, discovery)
-        out.print(
-            f"queued {len(run_ids)} runs for {len(pending)} partitions on {webserver} "
-            "(tag clickstream/source: clickstream backfill)"
-        )
-        return
-    summary = _run_partitions(instance, pending, discovery)
+    summary = _run_partitions(instance, registry, pending, discovery)
     _print_load(summary)
     _raise_if_failed(summary)
 
@@ -463,15 +460,18 @@ def _select_streams(registered: tuple[Stream, ...], keys: tuple[str, ...]) -> tu
 
 
 def _run_partitions(
-    instance: DagsterInstance, pending: list[PendingPartition], discovery: DiscoveryResource
+    instance: DagsterInstance,
+    registry: Registry,
+    pending: list[PendingPartition],
+    discovery: DiscoveryResource,
 ) -> LoadSummary:
-    from clickstream_pipeline.definitions import defs
+    from clickstream_pipeline.definitions import build_defs
     from clickstream_pipeline.runner import run_partitions
 
     with _progress() as progress:
         task = progress.add_task("loading", total=len(pending))
         return run_partitions(
-            defs,
+            build_defs(registry),
             instance,
             pending,
             discovery,
@@ -481,49 +481,26 @@ def _run_partitions(
 
 
 def _submit_backfill(
-    url: str, pending: list[PendingPartition], discovery: DiscoveryResource
-) -> list[str]:
-    """Queue the backfill's runs through the webserver's GraphQL API."""
-    import urllib.request
-    from urllib.parse import urlsplit
+    url: str, streams: tuple[Stream, ...], since: datetime, until: datetime
+) -> None:
+    """Launch Dagster's own asset backfill of the tables over the hours, on the webserver."""
+    from clickstream_pipeline.layout import hour_key
+    from clickstream_pipeline.partitions import table_asset_key
+    from clickstream_pipeline.runner import SOURCE_TAG
+    from clickstream_pipeline.webserver import launch_backfill
 
-    import requests
-    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
-
-    from clickstream_pipeline.jobs import LOAD_JOB
-    from clickstream_pipeline.runner import submit_partitions
-
-    base = url if "://" in url else f"http://{url}"
-    parts = urlsplit(base)
-    if not parts.hostname:
-        raise ClickstreamError(f"--submit: not a webserver URL: {url!r}")
-    try:
-        with urllib.request.urlopen(f"{base.rstrip('/')}/server_info", timeout=10):
-            pass
-    except OSError as error:
-        reason = getattr(error, "reason", error)
-        raise ClickstreamError(
-            f"cannot reach the webserver at {url}: {first_line(reason)}"
-        ) from None
-    client = DagsterGraphQLClient(
-        parts.hostname,
-        port_number=parts.port,
-        use_https=parts.scheme == "https",
-        path_prefix=parts.path.rstrip("/"),
+    hours = [hour_key(since + timedelta(hours=n)) for n in range(int((until - since) / HOUR))]
+    backfill_id = launch_backfill(
+        url,
+        [table_asset_key(stream) for stream in streams],
+        hours,
+        title=f"clickstream backfill {hours[0]}...{hours[-1]}",
+        tags={SOURCE_TAG: "clickstream backfill"},
     )
-    try:
-        return submit_partitions(
-            lambda run_config, tags: client.submit_job_execution(
-                LOAD_JOB, run_config=run_config, tags=tags
-            ),
-            pending,
-            discovery,
-            "clickstream backfill",
-        )
-    except (DagsterGraphQLClientError, requests.RequestException) as error:
-        raise ClickstreamError(
-            f"the webserver did not take the runs: {first_line(error)}"
-        ) from None
+    out.print(
+        f"launched backfill {backfill_id} of {len(streams)} tables x {len(hours)} hours on {url}; "
+        "its run loads the hours whose files are new or changed"
+    )
 
 
 def _print_load(summary: LoadSummary) -> None:
@@ -882,7 +859,9 @@ def bench(
             **({"customers": 5, "light": 200, "factor": 10} if quick else {})
         ),
         "scale": lambda: (
-            scale.run(customers=5, events=4, backfill_hours=1, s3_bucket=s3_bucket)
+            scale.run(
+                customers=5, events=4, backfill_hours=1, history_hours=48, s3_bucket=s3_bucket
+            )
             if quick
             else scale.run(s3_bucket=s3_bucket)
         ),

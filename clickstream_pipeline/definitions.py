@@ -1,6 +1,21 @@
-"""The code location's single entry point: ``defs``."""
+"""The code location's single entry point: ``defs``, built from the registry.
+
+The code server reads the registry once as it loads and keeps that snapshot in the location's
+reconstruction metadata; a run worker rebuilds the same definitions from the snapshot of the code
+server that launched its run, never from the registry, so a table removed while a run is in
+flight does not fail it. A registry change reaches a running deployment through the
+``registry_sync_sensor``, which reloads the location.
+"""
+
+from __future__ import annotations
+
+import warnings
 
 import dagster as dg
+from dagster._core.definitions.definitions_load_context import (
+    DefinitionsLoadContext,
+    StateBackedDefinitionsLoader,
+)
 
 from clickstream_pipeline.alerts import (
     AlertResource,
@@ -8,30 +23,71 @@ from clickstream_pipeline.alerts import (
     slow_load_alert_sensor,
     stream_freshness_alert_sensor,
 )
-from clickstream_pipeline.assets import raw_events, warehouse_events
+from clickstream_pipeline.assets import table_assets
+from clickstream_pipeline.config import Settings
 from clickstream_pipeline.jobs import load_partitions_job
-from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
-from clickstream_pipeline.sensors import (
+from clickstream_pipeline.registry import Registry, dump_registry, load_registry, parse_registry
+from clickstream_pipeline.resources import (
     DiscoveryResource,
-    registry_sync_sensor,
-    s3_discovery_sensor,
+    RegistryResource,
+    S3StorageResource,
+    WarehouseResource,
 )
+from clickstream_pipeline.sensors import build_registry_sync_sensor, build_s3_discovery_sensor
+from clickstream_pipeline.webserver import DagsterWebserverResource
 
-defs = dg.Definitions(
-    assets=[raw_events, warehouse_events],
-    jobs=[load_partitions_job],
-    sensors=[
-        registry_sync_sensor,
-        s3_discovery_sensor,
-        load_failure_alert_sensor,
-        slow_load_alert_sensor,
-        stream_freshness_alert_sensor,
-    ],
-    resources={
-        "s3": S3StorageResource(),
-        "warehouse": WarehouseResource(),
-        "registry": RegistryResource(),
-        "discovery": DiscoveryResource(),
-        "alerts": AlertResource(),
-    },
-)
+SNAPSHOT_KEY = "clickstream/registry"
+
+
+def build_defs(registry: Registry, location: str | None = None) -> dg.Definitions:
+    """Every asset, job, sensor and resource for the tables of ``registry``."""
+    settings = Settings.from_env()
+    scheme = (settings.warehouse_url or "").partition("://")[0]
+    streams = registry.streams
+    return dg.Definitions(
+        assets=table_assets(
+            streams, settings.raw_prefix, "redshift" if scheme == "redshift" else "postgres"
+        ),
+        jobs=[load_partitions_job],
+        sensors=[
+            build_registry_sync_sensor(streams, location),
+            build_s3_discovery_sensor(streams),
+            load_failure_alert_sensor,
+            slow_load_alert_sensor,
+            stream_freshness_alert_sensor,
+        ],
+        resources={
+            "s3": S3StorageResource(),
+            "warehouse": WarehouseResource(),
+            "registry": RegistryResource(),
+            "discovery": DiscoveryResource(),
+            "alerts": AlertResource(),
+            "webserver": DagsterWebserverResource(),
+        },
+    )
+
+
+class RegistryDefinitionsLoader(StateBackedDefinitionsLoader[str]):
+    """Reads the registry when the code location loads; rebuilds from that snapshot in runs."""
+
+    @property
+    def defs_key(self) -> str:
+        return SNAPSHOT_KEY
+
+    def fetch_state(self) -> str:
+        return dump_registry(load_registry(missing_ok=True))
+
+    def defs_from_state(self, state: str) -> dg.Definitions:
+        registry = parse_registry(state, "snapshot in the code location")
+        return build_defs(registry, DefinitionsLoadContext.get().code_location_name)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The definitions for the registry as it is now (or as the launching code server saw it)."""
+    with warnings.catch_warnings():
+        # Dagster flags its own preview and beta parameters used here (partitioned checks,
+        # reconstruction metadata); the code server would log them at every load.
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return RegistryDefinitionsLoader().build_defs()

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.names import Stream, is_valid_name
 
 QUARANTINE_PREFIX = "quarantine"
@@ -51,6 +52,29 @@ def hour_key(hour: datetime) -> str:
 
 def parse_hour_key(key: str) -> datetime:
     return datetime.strptime(key, HOUR_KEY_FORMAT).replace(tzinfo=UTC)
+
+
+def load_key(stream: Stream, hour: datetime) -> str:
+    """The batch load job's name for one (stream, hour): ``<hour>|<customer>.<event>``, e.g.
+    ``2026-11-26-13:00|acme.page_view`` (the partition keys of earlier releases, so runs queued
+    before an upgrade still load)."""
+    return f"{hour_key(hour)}|{stream.key}"
+
+
+def parse_load_key(key: str) -> tuple[Stream, datetime]:
+    """The (stream, hour) of a load key; a malformed key is a ClickstreamError."""
+    hour, _, stream = key.partition("|")
+    try:
+        return Stream.parse(stream), parse_hour_key(hour)
+    except ValueError:
+        raise ClickstreamError(
+            f"not a load key such as 2026-11-26-13:00|acme.page_view: {key!r}"
+        ) from None
+
+
+def stream_of(key: str) -> str:
+    """The ``customer.event`` part of a load key."""
+    return key.partition("|")[2]
 
 
 def hour_path(hour: datetime) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from clickstream_pipeline.layout import hour_key, parse_hour_key, stream_of
 from clickstream_pipeline.warehouse.base import LOAD_SECONDS_BUCKETS, stream_totals
 
 if TYPE_CHECKING:
@@ -40,6 +41,17 @@ if TYPE_CHECKING:
 IN_FLIGHT = ("QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING")
 FINISHED = ("SUCCESS", "FAILURE", "CANCELED")
 LOAD_JOB = "load_partitions_job"  # clickstream_pipeline.jobs.LOAD_JOB, without importing Dagster
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
+# This code location's sensors (test_metrics checks the list against the definitions).
+SENSORS = (
+    "registry_sync_sensor",
+    "s3_discovery_sensor",
+    "load_failure_alert_sensor",
+    "slow_load_alert_sensor",
+    "stream_freshness_alert_sensor",
+)
 
 S3_REQUESTS = Counter(
     "clickstream_s3_requests",
@@ -71,18 +83,40 @@ RUN_LIMIT = 1000
 
 
 def run_partitions(run: dg.DagsterRun) -> list[str]:
-    """The ``<hour>|<stream>`` partitions a run loads: a batch load run's configured list, or a
-    single-partition asset run's ``dagster/partition`` tag."""
+    """The (table, hour)s a run loads, as load keys ``<hour>|<customer>.<event>``: a batch load
+    run's configured list, or the selected tables x the hour or hour range of a run of the
+    tables' asset (a UI or CLI materialization or backfill)."""
     if run.job_name == LOAD_JOB:
         ops: Any = run.run_config.get("ops", {}) if isinstance(run.run_config, dict) else {}
         partitions = ops.get("load_partitions", {}).get("config", {}).get("partitions", [])
         return [str(key) for key in partitions]
-    key = run.tags.get("dagster/partition", "")
-    return [key] if "|" in key else []
+    single = run.tags.get(PARTITION_TAG, "")
+    if "|" in single:  # a run of an earlier release's (stream x hour) asset
+        return [single]
+    tables = sorted(
+        ".".join(key.path)
+        for key in run.asset_selection or ()
+        if len(key.path) == 2 and key.path[0] != "raw"
+    )
+    return [f"{hour}|{table}" for table in tables for hour in _run_hours(run.tags)]
 
 
-def stream_of(partition: str) -> str:
-    return partition.partition("|")[2]
+def _run_hours(tags: Mapping[str, str]) -> list[str]:
+    """The hourly partition keys a run's tags name: one, a range, or none."""
+    if PARTITION_TAG in tags:
+        return [tags[PARTITION_TAG]]
+    first, last = tags.get(RANGE_START_TAG), tags.get(RANGE_END_TAG)
+    if not first or not last:
+        return []
+    try:
+        hour, end = parse_hour_key(first), parse_hour_key(last)
+    except ValueError:
+        return []
+    hours = []
+    while hour <= end:
+        hours.append(hour_key(hour))
+        hour += timedelta(hours=1)
+    return hours
 
 
 def failed_in_run(instance: dg.DagsterInstance, run: dg.DagsterRun) -> set[str] | None:
@@ -213,8 +247,6 @@ class PipelineCollector(Collector):
         """Everything the Dagster instance (DAGSTER_HOME) knows."""
         import dagster as dg
 
-        from clickstream_pipeline.definitions import defs
-
         heartbeat = GaugeMetricFamily(
             "clickstream_daemon_heartbeat_age_seconds",
             "Seconds since each Dagster daemon's last heartbeat.",
@@ -236,7 +268,7 @@ class PipelineCollector(Collector):
             f"{FAILED_WINDOW.total_seconds() / 3600:g} h) failed on them.",
             labels=["stream"],
         )
-        ours = {sensor.name for sensor in defs.sensors or ()}
+        ours = set(SENSORS)
         with dg.DagsterInstance.get() as instance:
             for kind, beat in instance.get_daemon_heartbeats().items():
                 heartbeat.add_metric([kind], max(0.0, now - beat.timestamp))

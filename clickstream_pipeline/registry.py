@@ -28,6 +28,10 @@ from clickstream_pipeline.names import Stream, validate_name
 DEFAULT_REGISTRY = "registry.yaml"
 
 
+class RegistryNotFound(ClickstreamError):
+    """The registry does not exist yet (no stream has been registered)."""
+
+
 @dataclass(frozen=True)
 class Registry:
     """An immutable snapshot of the registry: customers in order, each with its events."""
@@ -168,7 +172,7 @@ class YamlFileRegistry:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ClickstreamError(
+            raise RegistryNotFound(
                 f"registry file {self.path} not found: create it with "
                 "'clickstream registry add <customer> <event>' or set CLICKSTREAM_REGISTRY"
             ) from None
@@ -219,3 +223,14 @@ def registry_backend(location: str | None = None) -> RegistryBackend:
     if sep and scheme != "file":
         raise ClickstreamError(f"unsupported registry location {location!r}: use a YAML file path")
     return YamlFileRegistry(location.removeprefix("file://"))
+
+
+def load_registry(location: str | None = None, missing_ok: bool = False) -> Registry:
+    """The registry at ``location`` (``CLICKSTREAM_REGISTRY``); with ``missing_ok``, one that
+    does not exist yet is empty."""
+    try:
+        return registry_backend(location).load()
+    except RegistryNotFound:
+        if missing_ok:
+            return Registry()
+        raise

@@ -45,3 +45,13 @@ class RegistryResource(dg.ConfigurableResource):
 
     def load(self) -> Registry:
         return registry_backend(self.location or Settings.from_env().registry).load()
+
+
+class DiscoveryResource(dg.ConfigurableResource):
+    """How discovery decides what to load and how loads are batched."""
+
+    grace_minutes: int = 5  # wait this long after an hour ends before loading it
+    lookback_hours: int = 24  # late files are found in hours this recent
+    batch_size: int = 100  # partitions per load run
+    concurrency: int = 4  # partitions loaded at once within a run
+    retry_minutes: int = 30  # re-request a partition whose requested load has not landed

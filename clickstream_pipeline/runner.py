@@ -12,22 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
-from sqlalchemy.exc import IntegrityError
 
+from clickstream_pipeline.definitions import build_defs
 from clickstream_pipeline.discovery import PendingPartition, range_pending
 from clickstream_pipeline.jobs import LOAD_JOB, PARTITIONS_TAG, run_config_for
+from clickstream_pipeline.layout import load_key
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.partitions import partition_key
-from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
-from clickstream_pipeline.sensors import (
-    DiscoveryCursor,
-    DiscoveryResource,
-    discover,
-    stream_partition_requests,
-)
+from clickstream_pipeline.partitions import RAW_ROOT
+from clickstream_pipeline.registry import load_registry
+from clickstream_pipeline.resources import DiscoveryResource, S3StorageResource, WarehouseResource
+from clickstream_pipeline.sensors import DiscoveryCursor, discover
 
 DEFAULT_DAGSTER_HOME = Path(".clickstream") / "dagster_home"
 # Runs started here log warnings and errors to the terminal; everything is still recorded in
@@ -74,45 +70,33 @@ def dagster_instance() -> dg.DagsterInstance:
 
 
 def run_load(
-    defs: dg.Definitions,
     instance: dg.DagsterInstance,
     discovery: DiscoveryResource | None = None,
     on_start: Callable[[int], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LoadSummary:
-    """Sync the registry, discover every pending (stream, hour) and load them in batch runs."""
+    """Read the registry, discover every pending (table, hour) and load them in batch runs."""
     began = time.perf_counter()
     discovery = discovery or DiscoveryResource()
-    streams = sync_registry(instance)
+    registry = load_registry()
     pending = discover(
         S3StorageResource(),
         WarehouseResource(),
         discovery,
-        streams,
+        registry.streams,
         DiscoveryCursor(),
         datetime.now(UTC),
     )
     return run_partitions(
-        defs, instance, pending, discovery, "clickstream load", began, on_start, on_progress
+        build_defs(registry),
+        instance,
+        pending,
+        discovery,
+        "clickstream load",
+        began,
+        on_start,
+        on_progress,
     )
-
-
-def sync_registry(instance: dg.DagsterInstance) -> tuple[Stream, ...]:
-    """The registry's streams, each a ``stream`` partition (added when missing)."""
-    streams = RegistryResource().load().streams
-    try:
-        _add_stream_partitions(instance, streams)
-    except IntegrityError:
-        # Another process (a second `clickstream load`, the daemon applying the registry
-        # sensor's requests) added some of the same keys between our read and our insert:
-        # what is still missing is read again and added.
-        _add_stream_partitions(instance, streams)
-    return streams
-
-
-def _add_stream_partitions(instance: dg.DagsterInstance, streams: tuple[Stream, ...]) -> None:
-    for request in stream_partition_requests(instance, streams):
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
 
 def backfill_pending(
@@ -148,9 +132,13 @@ def run_partitions(
         on_start(len(pending))
     job = defs.get_job_def(LOAD_JOB)
     for batch in batches(pending, discovery.batch_size):
-        keys = [str(partition_key(p.stream, p.hour)) for p in batch]
+        keys = [load_key(p.stream, p.hour) for p in batch]
         result = job.execute_in_process(
-            run_config={**run_config_for(keys, discovery.concurrency), **QUIET_CONSOLE},
+            # No sensor saw these files: the run reports the raw partitions too.
+            run_config={
+                **run_config_for(keys, discovery.concurrency, report_raw=True),
+                **QUIET_CONSOLE,
+            },
             instance=instance,
             tags={PARTITIONS_TAG: str(len(keys)), SOURCE_TAG: source},
             raise_on_error=False,
@@ -168,30 +156,13 @@ def batches(pending: list[PendingPartition], size: int) -> list[list[PendingPart
     return [pending[start : start + size] for start in range(0, len(pending), size)]
 
 
-def submit_partitions(
-    submit: Callable[[dict[str, Any], dict[str, str]], str],
-    pending: list[PendingPartition],
-    discovery: DiscoveryResource,
-    source: str,
-) -> list[str]:
-    """Queue one ``load_partitions_job`` run per batch through ``submit(run_config, tags)`` (a
-    webserver's GraphQL API): the daemon launches them under the run queue's limits, and each
-    partition's status shows in the UI as its run loads it. Returns the run ids, in order."""
-    run_ids = []
-    for batch in batches(pending, discovery.batch_size):
-        keys = [str(partition_key(p.stream, p.hour)) for p in batch]
-        tags = {PARTITIONS_TAG: str(len(keys)), SOURCE_TAG: source}
-        run_ids.append(submit(run_config_for(keys, discovery.concurrency), tags))
-    return run_ids
-
-
 def _collect(summary: LoadSummary, result: dg.ExecuteInProcessResult) -> None:
-    """Add the metadata of the run's warehouse_events materializations to the totals."""
+    """Add the metadata of the run's table materializations to the totals."""
     for materialization in result.asset_materializations_for_node("load_partitions"):
-        if materialization.asset_key.path != ["warehouse_events"]:
+        if materialization.asset_key.path[0] == RAW_ROOT:
             continue
         metadata = {k: v.value for k, v in materialization.metadata.items()}
-        totals = summary.streams.setdefault(str(metadata["table"]), LoadTotals())
+        totals = summary.streams.setdefault(str(metadata["dagster/table_name"]), LoadTotals())
         totals.partitions += 1
         for name in ("files", "records_read", "rows_loaded", "duplicates_dropped", "quarantined"):
             value = metadata.get(name)
@@ -211,4 +182,4 @@ def _verify_against_ledger(
         if entry is not None and entry.fingerprint == item.fingerprint:
             summary.loaded += 1
         else:
-            summary.failed.append(str(partition_key(item.stream, item.hour)))
+            summary.failed.append(load_key(item.stream, item.hour))

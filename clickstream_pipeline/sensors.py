@@ -1,52 +1,106 @@
-"""Sensors: the registry becomes partitions; new and changed files in S3 become batch loads."""
+"""Sensors: a registry change reloads the code location; new and changed files in S3 become raw
+materializations and batch loads.
+
+Both are built for the registry snapshot the code location was loaded from, so the discovery
+sensor loads exactly the tables that are assets here.
+"""
 
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
 from clickstream_pipeline.alerts import max_runtime_tags
+from clickstream_pipeline.batch import raw_materialization
 from clickstream_pipeline.discovery import PendingPartition, list_streams, pending_partitions
 from clickstream_pipeline.jobs import PARTITIONS_TAG, load_partitions_job, run_config_for
+from clickstream_pipeline.layout import load_key
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.partitions import FIRST_HOUR_TIME, partition_key, stream_partitions
-from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
-
-
-class DiscoveryResource(dg.ConfigurableResource):
-    """How discovery decides what to load and how loads are batched."""
-
-    grace_minutes: int = 5  # wait this long after an hour ends before loading it
-    lookback_hours: int = 24  # late files are found in hours this recent
-    batch_size: int = 100  # partitions per load run
-    concurrency: int = 4  # partitions loaded at once within a run
-    retry_minutes: int = 30  # re-request a partition whose requested load has not landed
-
-
-def stream_partition_requests(
-    instance: dg.DagsterInstance, streams: tuple[Stream, ...]
-) -> list[dg.AddDynamicPartitionsRequest]:
-    """Add registry streams that are not partitions yet. Removed streams are never deleted:
-    their materialization history stays, and loading stops because discovery skips them."""
-    existing = set(instance.get_dynamic_partitions(stream_partitions.name or "stream"))
-    new = [s.key for s in streams if s.key not in existing]
-    return [stream_partitions.build_add_request(new)] if new else []
-
-
-@dg.sensor(
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Adds every registry stream as a `stream` partition.",
+from clickstream_pipeline.partitions import FIRST_HOUR_TIME
+from clickstream_pipeline.resources import (
+    DiscoveryResource,
+    RegistryResource,
+    S3StorageResource,
+    WarehouseResource,
 )
-def registry_sync_sensor(
-    context: dg.SensorEvaluationContext, registry: RegistryResource
-) -> dg.SensorResult | dg.SkipReason:
-    """Turn new registry streams into partitions, without a redeploy."""
-    requests = stream_partition_requests(context.instance, registry.load().streams)
-    if not requests:
-        return dg.SkipReason("every registered stream is already a partition")
-    return dg.SensorResult(dynamic_partitions_requests=requests)
+from clickstream_pipeline.webserver import DagsterWebserverResource
+
+# A reload asked for and not yet seen (the webserver may be slow to start the new code server)
+# is asked for again after this long.
+RELOAD_AGAIN_SECONDS = 120
+
+
+@dataclass(frozen=True)
+class RegistryChange:
+    """Streams registered but not assets here, and assets here no longer registered."""
+
+    added: tuple[Stream, ...]
+    removed: tuple[Stream, ...]
+
+    @classmethod
+    def between(cls, loaded: tuple[Stream, ...], current: tuple[Stream, ...]) -> "RegistryChange":
+        return cls(
+            tuple(sorted(set(current) - set(loaded))), tuple(sorted(set(loaded) - set(current)))
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+    def describe(self) -> str:
+        parts = []
+        for label, streams in (("added", self.added), ("removed", self.removed)):
+            if streams:
+                shown = ", ".join(s.key for s in streams[:3])
+                more = f" and {len(streams) - 3} more" if len(streams) > 3 else ""
+                parts.append(f"{label} {shown}{more}")
+        return "; ".join(parts)
+
+
+def build_registry_sync_sensor(
+    loaded: tuple[Stream, ...], location: str | None
+) -> dg.SensorDefinition:
+    """The sensor that reloads this code location when the registry no longer matches
+    ``loaded``, the streams it was built from (``location``: its name, when known)."""
+
+    @dg.sensor(
+        name="registry_sync_sensor",
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Reloads the code location when the registry's tables change, so added "
+        "tables become assets and removed ones stop loading, without a redeploy.",
+    )
+    def registry_sync_sensor(
+        context: dg.SensorEvaluationContext,
+        registry: RegistryResource,
+        webserver: DagsterWebserverResource,
+    ) -> dg.SensorResult:
+        """Compare the registry with the tables loaded here; reload the location if they differ.
+
+        An unreadable or invalid registry fails the tick in one line and changes nothing: the
+        location keeps serving the tables it has."""
+        change = RegistryChange.between(loaded, registry.load().streams)
+        if not change:
+            return dg.SensorResult(
+                skip_reason=f"the code location has every registered table ({len(loaded)})"
+            )
+        fingerprint = json.dumps([[s.key for s in change.added], [s.key for s in change.removed]])
+        previous = json.loads(context.cursor) if context.cursor else {}
+        if previous.get("change") == fingerprint and (
+            time.time() - previous.get("at", 0) < RELOAD_AGAIN_SECONDS
+        ):
+            return dg.SensorResult(
+                skip_reason=f"registry {change.describe()}: reload already requested"
+            )
+        webserver.request_reload(location or webserver.location or "clickstream_pipeline")
+        context.log.info(f"registry {change.describe()}: reloading the code location")
+        return dg.SensorResult(
+            skip_reason=f"registry {change.describe()}: reloading the code location",
+            cursor=json.dumps({"change": fingerprint, "at": time.time()}),
+        )
+
+    return registry_sync_sensor
 
 
 @dataclass
@@ -70,36 +124,46 @@ class DiscoveryCursor:
         )
 
 
-@dg.sensor(
-    job=load_partitions_job,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Requests batch loads of completed hours with new, late or rewritten files.",
-)
-def s3_discovery_sensor(
-    context: dg.SensorEvaluationContext,
-    s3: S3StorageResource,
-    warehouse: WarehouseResource,
-    registry: RegistryResource,
-    discovery: DiscoveryResource,
-) -> dg.SensorResult:
-    """Find (stream, hour)s whose files differ from the ledger and request loads in batches."""
-    now = datetime.now(UTC)
-    cursor = DiscoveryCursor.parse(context.cursor)
-    streams = registry.load().streams
-    result = discover(s3, warehouse, discovery, streams, cursor, now)
-    runs = batch_requests(result, discovery, now)
-    for pending in result:
-        cursor.requested[str(partition_key(pending.stream, pending.hour))] = (
-            pending.fingerprint,
-            now.timestamp(),
-        )
-    cursor.scanned = {s.key for s in streams}
-    return dg.SensorResult(
-        run_requests=runs,
-        cursor=cursor.dump(),
-        dynamic_partitions_requests=stream_partition_requests(context.instance, streams),
+def build_s3_discovery_sensor(loaded: tuple[Stream, ...]) -> dg.SensorDefinition:
+    """The sensor that finds new and changed files of the tables in ``loaded``."""
+
+    @dg.sensor(
+        name="s3_discovery_sensor",
+        job=load_partitions_job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Reports new, late or rewritten raw files as raw partitions and requests "
+        "batch loads of their completed hours.",
     )
+    def s3_discovery_sensor(
+        context: dg.SensorEvaluationContext,
+        s3: S3StorageResource,
+        warehouse: WarehouseResource,
+        discovery: DiscoveryResource,
+    ) -> dg.SensorResult:
+        """Find (table, hour)s whose files differ from the ledger: report each hour's raw files
+        as materialized and request loads in batches."""
+        now = datetime.now(UTC)
+        cursor = DiscoveryCursor.parse(context.cursor)
+        before = dict(cursor.requested)
+        result = discover(s3, warehouse, discovery, loaded, cursor, now)
+        # A request made again (its load did not land in time) is not news about the files.
+        news = [
+            p for p in result if before.get(load_key(p.stream, p.hour), ("",))[0] != p.fingerprint
+        ]
+        for pending in result:
+            cursor.requested[load_key(pending.stream, pending.hour)] = (
+                pending.fingerprint,
+                now.timestamp(),
+            )
+        cursor.scanned = {s.key for s in loaded}
+        return dg.SensorResult(
+            run_requests=batch_requests(result, discovery, now),
+            cursor=cursor.dump(),
+            asset_events=[raw_materialization(p.stream, p.hour, p.files) for p in news],
+        )
+
+    return s3_discovery_sensor
 
 
 def discover(
@@ -125,7 +189,7 @@ def discover(
     fresh = []
     still_requested: dict[str, tuple[str, float]] = {}
     for item in pending:
-        key = str(partition_key(item.stream, item.hour))
+        key = load_key(item.stream, item.hour)
         previous = cursor.requested.get(key)
         if previous is not None and previous[0] == item.fingerprint and previous[1] > retry_before:
             still_requested[key] = previous
@@ -138,11 +202,11 @@ def discover(
 def batch_requests(
     pending: list[PendingPartition], discovery: DiscoveryResource, now: datetime
 ) -> list[dg.RunRequest]:
-    """One run per batch of up to ``batch_size`` partitions, oldest hours first."""
+    """One run per batch of up to ``batch_size`` (table, hour)s, oldest hours first."""
     runs = []
     for start in range(0, len(pending), discovery.batch_size):
         batch = pending[start : start + discovery.batch_size]
-        keys = [str(partition_key(p.stream, p.hour)) for p in batch]
+        keys = [load_key(p.stream, p.hour) for p in batch]
         runs.append(
             dg.RunRequest(
                 run_key=f"{now:%Y%m%dT%H%M%S}-{start // discovery.batch_size}",

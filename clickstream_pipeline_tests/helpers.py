@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import dagster as dg
 import orjson
 import psycopg2
 
-from clickstream_pipeline.layout import hour_floor, raw_key
+from clickstream_pipeline.definitions import build_defs
+from clickstream_pipeline.layout import hour_floor, load_key, raw_key
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.registry import Registry
 from clickstream_pipeline.s3 import s3_client
 
 
@@ -126,3 +129,12 @@ def run_cli(
         cwd=cwd,
         timeout=300,
     )
+
+
+def defs_for(*streams: Stream) -> dg.Definitions:
+    """The code location's definitions for a registry of ``streams``."""
+    return build_defs(Registry().with_streams(streams))
+
+
+def load_keys(*pairs: tuple[Stream, datetime]) -> list[str]:
+    return [load_key(stream, hour) for stream, hour in pairs]

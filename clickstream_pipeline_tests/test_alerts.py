@@ -27,17 +27,16 @@ from clickstream_pipeline.alerts import (
     slow_load_alert_sensor,
     stream_freshness_alert_sensor,
 )
-from clickstream_pipeline.definitions import defs
 from clickstream_pipeline.discovery import PendingPartition
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.jobs import LOAD_JOB, run_config_for
 from clickstream_pipeline.loader import RawStore, load_partition
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.resources import WarehouseResource
+from clickstream_pipeline.resources import DiscoveryResource, WarehouseResource
 from clickstream_pipeline.s3 import s3_client
-from clickstream_pipeline.sensors import DiscoveryResource, batch_requests
+from clickstream_pipeline.sensors import batch_requests
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
-from clickstream_pipeline_tests.helpers import put_file, recent_hour, record
+from clickstream_pipeline_tests.helpers import defs_for, put_file, recent_hour, record
 
 H3 = recent_hour(3)
 
@@ -77,8 +76,12 @@ def test_a_failed_load_run_sends_one_alert_with_partitions_and_link(
     pipeline: dict[str, str], instance: dg.DagsterInstance, receiver: Receiver
 ) -> None:
     bad_key = "2026-11-26-10:00|Not.A.Stream"
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(
-        run_config=run_config_for([bad_key]), instance=instance, raise_on_error=False
+    result = (
+        defs_for()
+        .get_job_def(LOAD_JOB)
+        .execute_in_process(
+            run_config=run_config_for([bad_key]), instance=instance, raise_on_error=False
+        )
     )
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE]
@@ -179,9 +182,9 @@ def test_a_slow_load_run_alerts_once_and_resolves_once_when_it_finishes(
     results: list[dg.ExecuteInProcessResult] = []
     runner = threading.Thread(
         target=lambda: results.append(
-            defs.get_job_def(LOAD_JOB).execute_in_process(
-                run_config=run_config_for([key]), instance=instance
-            )
+            defs_for()
+            .get_job_def(LOAD_JOB)
+            .execute_in_process(run_config=run_config_for([key]), instance=instance)
         )
     )
     runner.start()
@@ -233,7 +236,7 @@ def test_a_load_run_within_its_usual_time_raises_nothing(
     stream = Stream(customer, "page_view")
     put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H3, "a", [record("m1", H3)])
     run = instance.create_run_for_job(
-        defs.get_job_def(LOAD_JOB),
+        defs_for().get_job_def(LOAD_JOB),
         run_config=run_config_for([f"{H3:%Y-%m-%d-%H}:00|{stream}"]),
     )
     instance.report_run_failed(run)  # finished runs are never slow

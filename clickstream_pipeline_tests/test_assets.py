@@ -1,29 +1,58 @@
-"""The assets and the batch job through Dagster, recorded in a real instance."""
+"""The tables' assets and the batch job through Dagster, recorded in a real instance."""
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import dagster as dg
-import pytest
 
-from clickstream_pipeline.assets import QUARANTINE_CHECK, raw_events, warehouse_events
-from clickstream_pipeline.definitions import defs
-from clickstream_pipeline.errors import ServiceUnavailable
-from clickstream_pipeline.jobs import LARGE_MIN_BYTES, LOAD_JOB, load_waves, run_config_for
+from clickstream_pipeline.assets import TABLES_ASSET
+from clickstream_pipeline.batch import LARGE_MIN_BYTES, QUARANTINE_CHECK, load_batch, load_waves
+from clickstream_pipeline.jobs import LOAD_JOB, run_config_for
+from clickstream_pipeline.layout import hour_key
+from clickstream_pipeline.loader import RawStore
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.resources import S3StorageResource, WarehouseResource
-from clickstream_pipeline_tests.helpers import message_ids, put_file, recent_hour, record
+from clickstream_pipeline.partitions import raw_asset_key, table_asset_key
+from clickstream_pipeline.resources import (
+    DiscoveryResource,
+    S3StorageResource,
+    WarehouseResource,
+)
+from clickstream_pipeline_tests.helpers import (
+    defs_for,
+    load_keys,
+    message_ids,
+    put_file,
+    recent_hour,
+    record,
+)
 
-H1, H2 = recent_hour(3), recent_hour(2)
-RESOURCES = {"s3": S3StorageResource(), "warehouse": WarehouseResource()}
+H1, H2, H3 = recent_hour(3), recent_hour(2), recent_hour(1)
+RESOURCES = {
+    "s3": S3StorageResource(),
+    "warehouse": WarehouseResource(),
+    "discovery": DiscoveryResource(),
+}
 
 
-def key(stream: Stream, hour: datetime) -> str:
-    return f"{hour:%Y-%m-%d-%H}:00|{stream}"
+def materialize(
+    instance: dg.DagsterInstance, streams: list[Stream], **partitions: str
+) -> dg.ExecuteInProcessResult:
+    """Materialize the tables of ``streams`` as the UI does, for one hour or a range of hours."""
+    defs = defs_for(*streams)
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_selection={table_asset_key(stream) for stream in streams}
+    )
+    if "partition_key" in partitions:
+        return job.execute_in_process(instance=instance, partition_key=partitions["partition_key"])
+    return job.execute_in_process(
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": partitions["start"],
+            "dagster/asset_partition_range_end": partitions["end"],
+        },
+    )
 
 
-def test_materializing_one_partition_loads_it_with_metadata_and_check(
+def test_materializing_a_table_hour_loads_it_with_metadata_and_check(
     pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
 ) -> None:
     stream = Stream(customer, "page_view")
@@ -34,23 +63,21 @@ def test_materializing_one_partition_loads_it_with_metadata_and_check(
         "a",
         [record("m1", H1, path="/"), record("m1", H1), b"not json", record("m2", H1)],
     )
-    instance.add_dynamic_partitions("stream", [str(stream)])
 
-    result = dg.materialize(
-        [raw_events, warehouse_events],
-        partition_key=key(stream, H1),
-        instance=instance,
-        resources=RESOURCES,
-    )
+    result = materialize(instance, [stream], partition_key=hour_key(H1))
 
     assert result.success
-    [raw] = result.asset_materializations_for_node("raw_events")
-    [loaded] = result.asset_materializations_for_node("warehouse_events")
+    raw, loaded = result.asset_materializations_for_node(TABLES_ASSET)
+    assert (raw.asset_key, raw.partition) == (raw_asset_key(stream), hour_key(H1))
     assert raw.metadata["files"] == dg.IntMetadataValue(1)
+    assert (loaded.asset_key, loaded.partition) == (table_asset_key(stream), hour_key(H1))
     metadata = {k: v.value for k, v in loaded.metadata.items()}
     assert {
         k: metadata[k]
         for k in (
+            "dagster/table_name",
+            "dagster/row_count",
+            "dagster/partition_row_count",
             "files",
             "records_read",
             "rows_loaded",
@@ -60,6 +87,9 @@ def test_materializing_one_partition_loads_it_with_metadata_and_check(
             "unchanged",
         )
     } == {
+        "dagster/table_name": f"{customer}.page_view",
+        "dagster/row_count": 2,
+        "dagster/partition_row_count": 2,
         "files": 1,
         "records_read": 4,
         "rows_loaded": 2,
@@ -68,12 +98,42 @@ def test_materializing_one_partition_loads_it_with_metadata_and_check(
         "new_columns": ["path"],
         "unchanged": False,
     }
+    schema = loaded.metadata["dagster/column_schema"].value
+    assert isinstance(schema, dg.TableSchema)
+    assert [(c.name, c.type) for c in schema.columns][-1] == ("path", "text")
     [check] = result.get_asset_check_evaluations()
-    assert (check.check_name, check.passed) == (QUARANTINE_CHECK, False)
+    assert (check.asset_key, check.check_name, check.partition, check.passed) == (
+        table_asset_key(stream),
+        QUARANTINE_CHECK,
+        hour_key(H1),
+        False,
+    )
     assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == ["m1", "m2"]
 
 
-def test_batch_job_reports_each_partition_on_its_own(
+def test_a_range_of_hours_loads_only_the_hours_with_new_files(
+    pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    a, b = Stream(customer, "page_view"), Stream(customer, "signup")
+    put_file(bucket, a, H1, "a", [record("a1", H1), record("a2", H1)])
+    put_file(bucket, a, H3, "a", [record("a3", H3)])
+    put_file(bucket, b, H2, "a", [record("b1", H2)])
+
+    first = materialize(instance, [a, b], start=hour_key(H1), end=hour_key(H3))
+    # The same range again: every hour is loaded with the same files, so nothing is done.
+    again = materialize(instance, [a, b], start=hour_key(H1), end=hour_key(H3))
+
+    assert first.success and again.success
+    assert instance.get_materialized_partitions(table_asset_key(a)) == {hour_key(H1), hour_key(H3)}
+    assert instance.get_materialized_partitions(table_asset_key(b)) == {hour_key(H2)}
+    assert again.asset_materializations_for_node(TABLES_ASSET) == []
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    assert sorted(message_ids(url, a)) == ["a1", "a2", "a3"]
+    assert sorted(message_ids(url, b)) == ["b1"]
+
+
+def test_batch_job_reports_each_table_hour_on_its_own(
     pipeline: dict[str, str], instance: dg.DagsterInstance, customer: str
 ) -> None:
     bucket = pipeline["CLICKSTREAM_BUCKET"]
@@ -81,24 +141,30 @@ def test_batch_job_reports_each_partition_on_its_own(
     put_file(bucket, good, H1, "a", [record("g1", H1), record("g2", H1)])
     put_file(bucket, good, H2, "a", [record("g3", H2)])
     put_file(bucket, bad, H1, "a", [record("b1", H1), b"{oops"])
-    instance.add_dynamic_partitions("stream", [str(good), str(bad)])
-    keys = [key(good, H1), key(good, H2), key(bad, H1)]
+    keys = load_keys((good, H1), (good, H2), (bad, H1))
+    job = defs_for(good, bad).get_job_def(LOAD_JOB)
 
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(
+    result = job.execute_in_process(
         run_config=run_config_for(keys, concurrency=2), instance=instance
     )
 
     assert result.success
-    materialized = instance.get_materialized_partitions(dg.AssetKey("warehouse_events"))
-    assert materialized == set(keys)
-    assert instance.get_materialized_partitions(dg.AssetKey("raw_events")) == set(keys)
-    checks = {c.partition: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {key(good, H1): True, key(good, H2): True, key(bad, H1): False}
+    assert instance.get_materialized_partitions(table_asset_key(good)) == {
+        hour_key(H1),
+        hour_key(H2),
+    }
+    assert instance.get_materialized_partitions(table_asset_key(bad)) == {hour_key(H1)}
+    # The sensor reports raw hours itself: a batch run does only when told to.
+    assert instance.get_materialized_partitions(raw_asset_key(good)) == set()
+    checks = {(c.asset_key, c.partition): c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {
+        (table_asset_key(good), hour_key(H1)): True,
+        (table_asset_key(good), hour_key(H2)): True,
+        (table_asset_key(bad), hour_key(H1)): False,
+    }
 
     # A second run over the same partitions loads nothing and records nothing new.
-    again = defs.get_job_def(LOAD_JOB).execute_in_process(
-        run_config=run_config_for(keys), instance=instance
-    )
+    again = job.execute_in_process(run_config=run_config_for(keys), instance=instance)
     assert again.output_for_node("load_partitions") == 0
     assert again.asset_materializations_for_node("load_partitions") == []
 
@@ -108,15 +174,22 @@ def test_an_unreachable_warehouse_is_one_clear_error(
 ) -> None:
     stream = Stream(customer, "page_view")
     put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
-    instance.add_dynamic_partitions("stream", [str(stream)])
-    context = dg.build_asset_context(partition_key=key(stream, H1), instance=instance)
     unreachable = WarehouseResource(url="postgresql://nobody:s3cret@/x?host=/nonexistent")
+    store: RawStore = S3StorageResource().store()
 
-    with pytest.raises(ServiceUnavailable) as raised:
-        warehouse_events(context, s3=S3StorageResource(), warehouse=unreachable)
+    result = load_batch(
+        dg.build_op_context(instance=instance),
+        load_keys((stream, H1)),
+        store,
+        unreachable.warehouse(),
+        concurrency=1,
+    )
 
-    message = str(raised.value)
-    assert message.startswith("cannot connect to the warehouse: connection to server on socket")
+    assert (result.requested, result.loaded, result.transient) == (1, 0, True)
+    [message] = result.failures.values()
+    assert message.startswith(
+        "ServiceUnavailable: cannot connect to the warehouse: connection to server on socket"
+    )
     assert "\n" not in message and "s3cret" not in message
 
 
@@ -127,10 +200,11 @@ def test_each_partition_load_logs_one_structured_json_line(
 
     stream = Stream(customer, "page_view")
     put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), b"{bad"])
-    instance.add_dynamic_partitions("stream", [str(stream)])
 
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(
-        run_config=run_config_for([key(stream, H1)]), instance=instance
+    result = (
+        defs_for(stream)
+        .get_job_def(LOAD_JOB)
+        .execute_in_process(run_config=run_config_for(load_keys((stream, H1))), instance=instance)
     )
 
     lines = [
@@ -164,20 +238,23 @@ def test_a_batch_loads_its_smallest_partitions_first(
     put_file(bucket, heavy, H1, "a", [record(f"h{i}", H1, n=i) for i in range(3_000)])
     put_file(bucket, light, H1, "a", [record("l1", H1)])
     put_file(bucket, light, H2, "a", [record("l2", H2)])
-    instance.add_dynamic_partitions("stream", [str(heavy), str(light)])
-    keys = [key(heavy, H1), key(light, H1), key(light, H2)]
+    keys = load_keys((heavy, H1), (light, H1), (light, H2))
 
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(
-        run_config=run_config_for(keys, concurrency=1), instance=instance
+    result = (
+        defs_for(heavy, light)
+        .get_job_def(LOAD_JOB)
+        .execute_in_process(run_config=run_config_for(keys, concurrency=1), instance=instance)
     )
 
     loaded = [
-        m.partition
+        (m.asset_key, m.partition)
         for m in result.asset_materializations_for_node("load_partitions")
-        if m.asset_key == dg.AssetKey("warehouse_events")
     ]
-    assert set(loaded[:2]) == {key(light, H1), key(light, H2)}
-    assert loaded[2] == key(heavy, H1)
+    assert set(loaded[:2]) == {
+        (table_asset_key(light), hour_key(H1)),
+        (table_asset_key(light), hour_key(H2)),
+    }
+    assert loaded[2] == (table_asset_key(heavy), hour_key(H1))
 
 
 def test_partitions_far_larger_than_the_batch_wait_for_the_rest() -> None:

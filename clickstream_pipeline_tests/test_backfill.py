@@ -9,11 +9,12 @@ import time
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
+from clickstream_pipeline.layout import hour_key
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.partitions import raw_asset_key, table_asset_key
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline_tests.helpers import (
     free_port,
@@ -60,10 +61,9 @@ def test_backfill_loads_the_range_of_the_streams_asked_for_and_then_nothing(
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
         [run] = instance.get_runs()
         assert run.tags["clickstream/source"] == "clickstream backfill"
-        assert instance.get_materialized_partitions(dg.AssetKey("warehouse_events")) == {
-            f"{OLD:%Y-%m-%d-%H}:00|{views}",
-            f"{OLD + timedelta(hours=1):%Y-%m-%d-%H}:00|{views}",
-        }
+        hours = {hour_key(OLD), hour_key(OLD + timedelta(hours=1))}
+        assert instance.get_materialized_partitions(table_asset_key(views)) == hours
+        assert instance.get_materialized_partitions(raw_asset_key(views)) == hours
     again = run_cli(*args, env=env)
     assert (again.returncode, again.stdout) == (
         0,
@@ -89,7 +89,8 @@ def test_backfill_mistakes_are_one_line(
             f"error: not in the registry: {customer}.nope"
         ),
         ("--since", f"{OLD:%Y-%m-%dT%H}", "--stream", str(views), "--submit", "127.0.0.1:9"): (
-            "error: cannot reach the webserver at 127.0.0.1:9: [Errno 111] Connection refused"
+            "error: cannot reach the Dagster webserver at 127.0.0.1:9: [Errno 111] Connection "
+            "refused"
         ),
     }
     for args, message in cases.items():
@@ -99,7 +100,7 @@ def test_backfill_mistakes_are_one_line(
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_backfill_submit_queues_batch_runs_on_the_webserver(
+def test_backfill_submit_launches_a_dagster_backfill_of_the_tables(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
 ) -> None:
     views, signups = _setup(pipeline, registry_path, customer)
@@ -140,8 +141,6 @@ def test_backfill_submit_queues_batch_runs_on_the_webserver(
             f"{OLD:%Y-%m-%dT%H}",
             "--until",
             f"{OLD + timedelta(hours=4):%Y-%m-%dT%H}",
-            "--batch-size",
-            "2",
             "--submit",
             f"http://127.0.0.1:{port}",
             env=env,
@@ -151,24 +150,17 @@ def test_backfill_submit_queues_batch_runs_on_the_webserver(
         webserver.wait(timeout=30)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == (
-        f"queued 2 runs for 4 partitions on http://127.0.0.1:{port} "
-        "(tag clickstream/source: clickstream backfill)\n"
-    )
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        runs = instance.get_runs()
-        assert [run.status for run in runs] == [dg.DagsterRunStatus.QUEUED] * 2
-        configs: list[Any] = [run.run_config for run in runs]
-        queued = sorted(
-            key
-            for config in configs
-            for key in config["ops"]["load_partitions"]["config"]["partitions"]
-        )
-    hour = [OLD + timedelta(hours=h) for h in (0, 1, 3)]
-    assert queued == sorted(
-        [
-            f"{hour[0]:%Y-%m-%d-%H}:00|{signups}",
-            *(f"{h:%Y-%m-%d-%H}:00|{views}" for h in hour),
-        ]
+        [backfill] = instance.get_backfills()
+    assert result.stdout == (
+        f"launched backfill {backfill.backfill_id} of 2 tables x 4 hours on "
+        f"http://127.0.0.1:{port}; its run loads the hours whose files are new or changed\n"
     )
-    assert [run.tags["clickstream/source"] for run in runs] == ["clickstream backfill"] * 2
+    assert backfill.tags["clickstream/source"] == "clickstream backfill"
+    target = backfill.asset_backfill_data.target_subset  # type: ignore[union-attr]
+    assert target.asset_keys == {table_asset_key(views), table_asset_key(signups)}
+    hours = {hour_key(OLD + timedelta(hours=h)) for h in range(4)}
+    for table in (views, signups):
+        assert (
+            set(target.get_partitions_subset(table_asset_key(table)).get_partition_keys()) == hours
+        )

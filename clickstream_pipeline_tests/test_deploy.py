@@ -38,9 +38,14 @@ from dagster_postgres import PostgresRunStorage
 from packaging.requirements import Requirement
 from psycopg2 import sql
 
-from clickstream_pipeline.assets import raw_events, warehouse_events
+from clickstream_pipeline.assets import TABLES_ASSET, table_assets
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.resources import RegistryResource, S3StorageResource, WarehouseResource
+from clickstream_pipeline.resources import (
+    DiscoveryResource,
+    RegistryResource,
+    S3StorageResource,
+    WarehouseResource,
+)
 from clickstream_pipeline_tests.helpers import (
     free_port,
     outside_env,
@@ -350,19 +355,20 @@ def test_helm_instance_settings_pass_dagsters_own_validation(values: dict[str, A
 
 def test_one_pod_per_step_option_validates() -> None:
     defs = dg.Definitions(
-        assets=[raw_events, warehouse_events],
+        assets=table_assets((Stream("acme", "page_view"),), "raw", "postgres"),
         executor=k8s_job_executor,
         resources={
             "s3": S3StorageResource(),
             "warehouse": WarehouseResource(),
             "registry": RegistryResource(),
+            "discovery": DiscoveryResource(),
         },
     )
     job = defs.resolve_implicit_global_asset_job_def()
     run_config = load_yaml(DEPLOY / "helm" / "k8s-job-executor.yaml")
     result = dg.validate_run_config(job, run_config)
     assert result["execution"]["k8s"]["max_concurrent"] == 2
-    assert set(result["execution"]["k8s"]["per_step_k8s_config"]) == {"warehouse_events"}
+    assert set(result["execution"]["k8s"]["per_step_k8s_config"]) == {TABLES_ASSET}
     with pytest.raises(dg.DagsterInvalidConfigError, match="max_concurent"):
         dg.validate_run_config(job, {"execution": {"config": {"max_concurent": 2}}})
     steps = {node.name for node in job.nodes}

@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
+from clickstream_pipeline.layout import hour_key
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.partitions import raw_asset_key, table_asset_key
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline_tests.helpers import (
     message_ids,
     outside_env,
     put_file,
+    query,
     recent_hour,
     record,
     run_cli,
@@ -44,11 +48,9 @@ def test_load_records_runs_in_dagster_home_and_a_second_load_changes_nothing(
     assert "2 of 2 partitions loaded in 1 runs" in first.stdout
     assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == ["m1", "m2", "m3"]
     with dg.DagsterInstance.from_config(str(tmp_path / "home")) as instance:
-        assert instance.get_materialized_partitions(dg.AssetKey("warehouse_events")) == {
-            f"{H1:%Y-%m-%d-%H}:00|{stream}",
-            f"{H2:%Y-%m-%d-%H}:00|{stream}",
-        }
-        assert instance.get_dynamic_partitions("stream") == [str(stream)]
+        hours = {hour_key(H1), hour_key(H2)}
+        assert instance.get_materialized_partitions(table_asset_key(stream)) == hours
+        assert instance.get_materialized_partitions(raw_asset_key(stream)) == hours
 
     second = run_cli("load", "--grace-minutes", "0", env=env)
     assert (second.returncode, second.stdout) == (
@@ -92,16 +94,21 @@ def test_demo_prints_the_summary_and_proves_exact_counts(tmp_path: Path) -> None
     )
 
 
-def test_dagster_asset_materialize_loads_one_partition(
-    pipeline: dict[str, str], tmp_path: Path, customer: str
+@pytest.mark.parametrize("hours", ["--partition", "--partition-range"])
+def test_dagster_asset_materialize_loads_a_customers_tables(
+    pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str, hours: str
 ) -> None:
-    stream = Stream(customer, "page_view")
-    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), record("m2", H1)])
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    views, signups = Stream(customer, "page_view"), Stream(customer, "signup")
+    other = Stream(f"{customer}x", "page_view")
+    YamlFileRegistry(registry_path).save(Registry().with_streams([views, signups, other]))
+    put_file(bucket, views, H1, "a", [record("m1", H1), record("m2", H1)])
+    put_file(bucket, views, H2, "a", [record("m3", H2)])
+    put_file(bucket, signups, H2, "a", [record("s1", H2)])
+    put_file(bucket, other, H1, "a", [record("o1", H1)])
     home = tmp_path / "home"
     home.mkdir()
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        instance.add_dynamic_partitions("stream", [str(stream)])
-    partition = f"{H1:%Y-%m-%d-%H}:00|{stream}"
+    partition = hour_key(H1) if hours == "--partition" else f"{hour_key(H1)}...{hour_key(H2)}"
 
     result = subprocess.run(
         [
@@ -111,8 +118,8 @@ def test_dagster_asset_materialize_loads_one_partition(
             "-m",
             "clickstream_pipeline.definitions",
             "--select",
-            "raw_events,warehouse_events",
-            "--partition",
+            f"group:{customer}",
+            hours,
             partition,
         ],
         capture_output=True,
@@ -122,6 +129,14 @@ def test_dagster_asset_materialize_loads_one_partition(
     )
 
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(message_ids(pipeline["CLICKSTREAM_WAREHOUSE_URL"], stream)) == ["m1", "m2"]
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    ranged = hours == "--partition-range"
+    assert sorted(message_ids(url, views)) == (["m1", "m2", "m3"] if ranged else ["m1", "m2"])
+    assert query(url, "SELECT to_regclass(%s)", (f'"{other.customer}"."page_view"',)) == [(None,)]
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        assert instance.get_materialized_partitions(dg.AssetKey("warehouse_events")) == {partition}
+        assert instance.get_materialized_partitions(table_asset_key(views)) == (
+            {hour_key(H1), hour_key(H2)} if ranged else {hour_key(H1)}
+        )
+        assert instance.get_materialized_partitions(table_asset_key(signups)) == (
+            {hour_key(H2)} if ranged else set()
+        )

@@ -17,16 +17,16 @@ import psycopg2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clickstream_pipeline.definitions import defs
 from clickstream_pipeline.jobs import LOAD_JOB, run_config_for
 from clickstream_pipeline.layout import raw_key
 from clickstream_pipeline.loader import RawStore, load_partition
-from clickstream_pipeline.metrics import PipelineCollector
+from clickstream_pipeline.metrics import PipelineCollector, run_partitions
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.base import StreamTotals, stream_totals
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
 from clickstream_pipeline_tests.helpers import (
+    defs_for,
     free_port,
     new_database,
     put_file,
@@ -159,7 +159,7 @@ def test_pending_and_failed_partitions_come_from_the_runs(
     stream = Stream(customer, "page_view")
     put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
     good, bad = f"{H1:%Y-%m-%d-%H}:00|{stream}", f"{H1:%Y-%m-%d-%H}:00|Not.A.Stream"
-    job = defs.get_job_def(LOAD_JOB)
+    job = defs_for(stream).get_job_def(LOAD_JOB)
     with dg.DagsterInstance.get() as instance:
         # A batch that failed on one of its two partitions: only that one counts as failed.
         failed_batch = job.execute_in_process(
@@ -194,6 +194,40 @@ def test_pending_and_failed_partitions_come_from_the_runs(
         ("clickstream_partitions_pending", "Not.A.Stream"): 0.0,
         ("clickstream_partitions_failed", "Not.A.Stream"): 1.0,
     }
+
+
+def test_a_run_of_the_tables_loads_its_selected_tables_over_its_hours() -> None:
+    tables = frozenset({dg.AssetKey(["acme", "page_view"]), dg.AssetKey(["globex", "signup"])})
+    ranged = dg.DagsterRun(
+        job_name="__ASSET_JOB",
+        asset_selection=tables | {dg.AssetKey(["raw", "acme", "page_view"])},
+        tags={
+            "dagster/asset_partition_range_start": "2026-11-30-23:00",
+            "dagster/asset_partition_range_end": "2026-12-01-01:00",
+        },
+    )
+    single = dg.DagsterRun(
+        job_name="__ASSET_JOB",
+        asset_selection=tables,
+        tags={"dagster/partition": "2026-12-01-01:00"},
+    )
+    earlier_release = dg.DagsterRun(
+        job_name="__ASSET_JOB", tags={"dagster/partition": "2026-12-01-01:00|acme.page_view"}
+    )
+
+    assert run_partitions(ranged) == [
+        "2026-11-30-23:00|acme.page_view",
+        "2026-12-01-00:00|acme.page_view",
+        "2026-12-01-01:00|acme.page_view",
+        "2026-11-30-23:00|globex.signup",
+        "2026-12-01-00:00|globex.signup",
+        "2026-12-01-01:00|globex.signup",
+    ]
+    assert run_partitions(single) == [
+        "2026-12-01-01:00|acme.page_view",
+        "2026-12-01-01:00|globex.signup",
+    ]
+    assert run_partitions(earlier_release) == ["2026-12-01-01:00|acme.page_view"]
 
 
 def test_the_grafana_dashboard_uses_only_metrics_the_endpoint_serves(

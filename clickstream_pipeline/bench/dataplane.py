@@ -159,22 +159,24 @@ def _records(hour: datetime) -> Iterator[dict[str, Any]]:
 def load_clickstream(stream_key: str, hour_iso: str) -> dict[str, Any]:
     import dagster as dg
 
-    from clickstream_pipeline.definitions import defs
+    from clickstream_pipeline.definitions import build_defs
     from clickstream_pipeline.jobs import LOAD_JOB, run_config_for
-    from clickstream_pipeline.partitions import partition_key
+    from clickstream_pipeline.layout import load_key
+    from clickstream_pipeline.partitions import table_asset_key
+    from clickstream_pipeline.registry import Registry
     from clickstream_pipeline.runner import QUIET_CONSOLE
 
     stream, hour = Stream.parse(stream_key), datetime.fromisoformat(hour_iso)
     instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions("stream", [stream.key])
-    config = {**run_config_for([str(partition_key(stream, hour))], 1), **QUIET_CONSOLE}
+    job = build_defs(Registry().with_streams([stream])).get_job_def(LOAD_JOB)
+    config = {**run_config_for([load_key(stream, hour)], 1), **QUIET_CONSOLE}
     began = time.perf_counter()
-    result = defs.get_job_def(LOAD_JOB).execute_in_process(run_config=config, instance=instance)
+    result = job.execute_in_process(run_config=config, instance=instance)
     seconds = time.perf_counter() - began
     [loaded] = [
         m
         for m in result.asset_materializations_for_node("load_partitions")
-        if m.asset_key.path == ["warehouse_events"]
+        if m.asset_key == table_asset_key(stream)
     ]
     return {"seconds": seconds, "rows": loaded.metadata["rows_loaded"].value}
 

@@ -210,6 +210,8 @@ def _skew_hour(
     """Load one hour with ``clickstream load``; seconds from run start to each partition loaded."""
     import dagster as dg
 
+    from clickstream_pipeline.partitions import table_asset_key
+
     home = tempfile.mkdtemp(dir=root)
     Path(home, "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     spec = GeneratorSpec(
@@ -230,8 +232,9 @@ def _skew_hour(
     with dg.DagsterInstance.from_config(home) as instance:
         [run_record] = instance.get_run_records()
         start = run_record.start_time or 0.0
-        events = instance.fetch_materializations(dg.AssetKey("warehouse_events"), limit=10_000)
-        return {
-            str(record.partition_key).split("|")[1]: record.timestamp - start
-            for record in events.records
-        }
+        loaded = {}
+        for stream in spec.streams:
+            records = instance.fetch_materializations(table_asset_key(stream), limit=1).records
+            if records:
+                loaded[stream.key] = records[0].timestamp - start
+        return loaded

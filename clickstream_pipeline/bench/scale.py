@@ -1,8 +1,7 @@
-"""Scale: 2,000 streams with history — definitions load, a registry-sync tick, discovery ticks
-with 2,000 new files (and the S3 requests they send), the UI's partition-status queries, and a
-one-day backfill of every stream submitted through the GraphQL API as ``clickstream backfill
---submit`` does (Dagster's own asset backfill validates against the whole partition space; see
-docs/design.md)."""
+"""Scale: 2,000 tables with history — the code location's load and a run worker's, a
+registry-sync tick, discovery ticks with 2,000 new files (and the S3 requests they send), a
+table's partition status in the UI with a year loaded, and a one-day backfill of every table
+launched the way the UI's "Materialize" dialog launches it, then one backfill daemon iteration."""
 
 from __future__ import annotations
 
@@ -33,12 +32,15 @@ T = TypeVar("T")
 
 STATS_QUERY = """query Q($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
   partitionStats { numMaterialized numPartitions numFailed numMaterializing } } } }"""
+# What the UI's partitions page asks for a time-partitioned asset.
 HEALTH_QUERY = """query Q($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
   id partitionKeysByDimension { name type partitionKeys }
-  assetPartitionStatuses { ... on MultiPartitionStatuses { primaryDimensionName ranges {
-    primaryDimStartKey primaryDimEndKey secondaryDim {
-      ... on DefaultPartitionStatuses { materializedPartitions failedPartitions }
-      ... on TimePartitionStatuses { ranges { status startKey endKey } } } } } } } } }"""
+  assetPartitionStatuses { ... on TimePartitionStatuses { ranges { status startKey endKey } } }
+  } } }"""
+# What the UI's "Materialize" dialog sends for a range of hours of the selected assets.
+BACKFILL_MUTATION = """mutation B($p: LaunchBackfillParams!) { launchPartitionBackfill(
+  backfillParams: $p) { __typename ... on LaunchBackfillSuccess { backfillId }
+  ... on PythonError { message } ... on InvalidSubsetError { message } } }"""
 
 
 def _timed(action: Callable[[], T]) -> tuple[T, float]:
@@ -94,22 +96,28 @@ def _requests(before: dict[str, int]) -> dict[str, int]:
 
 
 def run(
-    customers: int = 100, events: int = 20, backfill_hours: int = 24, s3_bucket: str | None = None
+    customers: int = 100,
+    events: int = 20,
+    backfill_hours: int = 24,
+    history_hours: int = 8_760,
+    s3_bucket: str | None = None,
 ) -> dict[str, Any]:
     """Measure the scale steps against the local stack, or with ``s3_bucket`` against that S3
     bucket (this environment's AWS credentials) with the local PostgreSQL."""
     import dagster as dg
 
+    from clickstream_pipeline.partitions import table_asset_key
     from clickstream_pipeline.resources import (
+        DiscoveryResource,
         RegistryResource,
         S3StorageResource,
         WarehouseResource,
     )
     from clickstream_pipeline.sensors import (
-        DiscoveryResource,
-        registry_sync_sensor,
-        s3_discovery_sensor,
+        build_registry_sync_sensor,
+        build_s3_discovery_sensor,
     )
+    from clickstream_pipeline.webserver import DagsterWebserverResource
 
     streams = customers * events
     results: dict[str, Any] = {"streams": streams}
@@ -143,22 +151,27 @@ def run(
 
         defs_load = run_measured([MODULE, "defs"], {})
         results["definitions_load_seconds"] = defs_load.result["seconds"]
+        results["code_location_load"] = defs_load.result
+        results["run_worker_definitions_seconds"] = run_measured([MODULE, "worker"], {}).result[
+            "seconds"
+        ]
 
         resources = {
             "s3": S3StorageResource(),
             "warehouse": WarehouseResource(),
             "registry": RegistryResource(),
             "discovery": DiscoveryResource(grace_minutes=0),
+            "webserver": DagsterWebserverResource(),
         }
+        loaded = tuple(spec.streams)
+        registry_sync_sensor = build_registry_sync_sensor(loaded, None)
+        s3_discovery_sensor = build_s3_discovery_sensor(loaded)
         with dg.DagsterInstance.get() as instance:
             context = dg.build_sensor_context(instance=instance, resources=resources)
 
             def sync() -> None:
                 result = registry_sync_sensor(context)
-                assert isinstance(result, dg.SensorResult)
-                for request in result.dynamic_partitions_requests or []:
-                    assert isinstance(request, dg.AddDynamicPartitionsRequest)
-                    instance.add_dynamic_partitions("stream", list(request.partition_keys))
+                assert isinstance(result, dg.SensorResult) and result.skip_reason is not None
 
             _, results["registry_sync_tick_seconds"] = _timed(sync)
 
@@ -204,7 +217,7 @@ def run(
                 for stream in spec.streams:
                     instance.report_runless_asset_event(
                         dg.AssetMaterialization(
-                            "warehouse_events", partition=f"{hour_key(new_hour)}|{stream}"
+                            table_asset_key(stream), partition=hour_key(new_hour)
                         )
                     )
 
@@ -214,6 +227,15 @@ def run(
                 "seconds": seconds,
                 "per_second": round(streams / seconds),
             }
+            # One table with every hour of its history loaded: what its partitions page shows.
+            history = hour_floor(datetime.now(UTC)) - timedelta(hours=history_hours)
+            loaded_table = table_asset_key(spec.streams[0])
+            for hour in range(history_hours):
+                instance.report_runless_asset_event(
+                    dg.AssetMaterialization(
+                        loaded_table, partition=hour_key(history + timedelta(hours=hour))
+                    )
+                )
         from clickstream_pipeline.runner import backfill_pending
 
         first_hour = new_hour - timedelta(hours=backfill_hours - 1)
@@ -227,14 +249,21 @@ def run(
             server,
         )
         results["backfill_listing"] = {**cost, "hours": backfill_hours, "pending": len(pending)}
-        results["graphql"] = run_measured([MODULE, "graphql", str(home)], {}).result
+        first_table = ".".join(table_asset_key(spec.streams[0]).path)
+        results["graphql"] = run_measured([MODULE, "graphql", str(home), first_table], {}).result
+        results["graphql"]["hours_loaded"] = history_hours
         hours = [hour_key(new_hour - timedelta(hours=h)) for h in range(backfill_hours)]
-        keys_file = Path(root) / "backfill.json"
-        keys_file.write_text(json.dumps([f"{h}|{s}" for h in hours for s in spec.streams]))
         try:
-            results["backfill_submit"] = run_measured(
-                [MODULE, "backfill", str(home), str(keys_file)], {}, timeout=300, max_rss_mb=8192
-            ).result
+            measured = run_measured(
+                [MODULE, "backfill", str(home), json.dumps(hours)],
+                {},
+                timeout=600,
+                max_rss_mb=8192,
+            )
+            results["backfill_submit"] = {
+                **measured.result,
+                "peak_rss_mb": round(measured.peak_rss_mb, 1),
+            }
         except (RuntimeError, TimeoutError, MemoryError) as error:
             results["backfill_submit"] = {"partitions": len(hours) * streams, "failed": str(error)}
     return results
@@ -244,11 +273,45 @@ def run(
 
 
 def child_defs() -> dict[str, Any]:
-    began = time.perf_counter()
-    from clickstream_pipeline.definitions import defs
+    """What a code server does as it loads: read the registry, build the definitions and the
+    snapshot the webserver and daemon receive."""
+    from dagster._core.code_pointer import CodePointer
+    from dagster._core.definitions.reconstruct import initialize_repository_def_from_pointer
+    from dagster._core.remote_representation.external_data import RepositorySnap
 
-    defs.get_repository_def()
-    defs.resolve_asset_graph()
+    began = time.perf_counter()
+    repository = initialize_repository_def_from_pointer(
+        CodePointer.from_module("clickstream_pipeline.definitions", "defs", None)
+    )
+    built = time.perf_counter() - began
+    repository.asset_graph  # noqa: B018 - resolving the graph is part of the load
+    RepositorySnap.from_def(repository)
+    return {
+        "seconds": round(time.perf_counter() - began, 3),
+        "definitions_seconds": round(built, 3),
+        "assets": len(repository.asset_graph.get_all_asset_keys()),
+    }
+
+
+def child_worker() -> dict[str, Any]:
+    """What a run worker does before its first step: rebuild the definitions from the code
+    server's registry snapshot (not the registry) and resolve the job it runs."""
+    from dagster._core.code_pointer import CodePointer
+    from dagster._core.definitions.reconstruct import (
+        initialize_repository_def_from_pointer,
+        reconstruct_repository_def_from_pointer,
+    )
+
+    from clickstream_pipeline.jobs import LOAD_JOB
+
+    pointer = CodePointer.from_module("clickstream_pipeline.definitions", "defs", None)
+    load_data = initialize_repository_def_from_pointer(pointer).repository_load_data
+    # The registry is gone: the worker must not need it.
+    os.environ["CLICKSTREAM_REGISTRY"] = "/nonexistent/registry.yaml"
+    began = time.perf_counter()
+    repository = reconstruct_repository_def_from_pointer(pointer, load_data)
+    repository.get_job(LOAD_JOB)
+    repository.get_implicit_asset_job_names()
     return {"seconds": round(time.perf_counter() - began, 3)}
 
 
@@ -265,7 +328,7 @@ def _graphql(home: str) -> Any:
     )
 
 
-def child_graphql(home: str) -> dict[str, Any]:
+def child_graphql(home: str, table: str) -> dict[str, Any]:
     from dagster_graphql.test.utils import execute_dagster_graphql
 
     timings: dict[str, Any] = {}
@@ -275,70 +338,64 @@ def child_graphql(home: str) -> dict[str, Any]:
                 request = context.process_context.create_request_context()
                 began = time.perf_counter()
                 response = execute_dagster_graphql(
-                    request, query, {"k": {"path": ["warehouse_events"]}}
+                    request, query, {"k": {"path": table.split(".")}}
                 )
                 timings[f"{name}_{attempt}_seconds"] = round(time.perf_counter() - began, 3)
                 assert response.errors is None, response.errors
                 node = response.data["assetNodeOrError"]
                 if "partitionStats" in node:
                     timings["partition_stats"] = node["partitionStats"]
+                if "assetPartitionStatuses" in node:
+                    timings["status_ranges"] = len(node["assetPartitionStatuses"]["ranges"])
     return timings
 
 
-def child_backfill(home: str, keys_file: str) -> dict[str, Any]:
-    """Queue the listed partitions as ``clickstream backfill --submit`` does: batch runs of
-    ``load_partitions_job`` through the webserver's GraphQL API (here in process)."""
-    from dagster_graphql.client.client_queries import CLIENT_SUBMIT_PIPELINE_RUN_MUTATION
-    from dagster_graphql.test.utils import execute_dagster_graphql, main_repo_location_name
+def child_backfill(home: str, hours_json: str) -> dict[str, Any]:
+    """Launch a backfill of every table over the given hours as the UI's "Materialize" dialog
+    does (``launchPartitionBackfill`` with an asset selection and partition names), then run
+    one iteration of the backfill daemon over it (runs are queued, not started)."""
+    import logging
 
-    from clickstream_pipeline.cli import BACKFILL_BATCH_SIZE
-    from clickstream_pipeline.discovery import PendingPartition
-    from clickstream_pipeline.jobs import LOAD_JOB
-    from clickstream_pipeline.partitions import parse_partition_key
-    from clickstream_pipeline.runner import submit_partitions
-    from clickstream_pipeline.sensors import DiscoveryResource
+    from dagster._daemon.backfill import execute_backfill_iteration
+    from dagster_graphql.test.utils import execute_dagster_graphql
 
-    keys = json.loads(Path(keys_file).read_text())
-    pending = [
-        PendingPartition(hour, stream, (), "", False)
-        for stream, hour in map(parse_partition_key, keys)
-    ]
+    hours = json.loads(hours_json)
     with _graphql(home) as context:
-
-        def submit(run_config: dict[str, Any], tags: dict[str, str]) -> str:
-            params = {
-                "selector": {
-                    "repositoryLocationName": main_repo_location_name(),
-                    "repositoryName": "__repository__",
-                    "pipelineName": LOAD_JOB,
-                },
-                "runConfigData": run_config,
-                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
-            }
-            response = execute_dagster_graphql(
-                context.process_context.create_request_context(),
-                CLIENT_SUBMIT_PIPELINE_RUN_MUTATION,
-                {"executionParams": params},
-            )
-            launched = response.data["launchPipelineExecution"]
-            if launched["__typename"] != "LaunchRunSuccess":
-                raise RuntimeError(str(launched))
-            return str(launched["run"]["runId"])
-
+        request = context.process_context.create_request_context()
+        [location] = request.code_location_entries.values()
+        [repository] = location.code_location.get_repositories().values()
+        tables = [
+            {"path": list(node.key.path)}
+            for node in repository.get_asset_node_snaps()
+            if node.is_executable
+        ]
         began = time.perf_counter()
-        run_ids = submit_partitions(
-            submit,
-            pending,
-            DiscoveryResource(batch_size=BACKFILL_BATCH_SIZE),
-            "clickstream backfill",
+        response = execute_dagster_graphql(
+            request,
+            BACKFILL_MUTATION,
+            {"p": {"assetSelection": tables, "partitionNames": hours}},
         )
-        seconds = round(time.perf_counter() - began, 3)
-    return {"partitions": len(keys), "runs": len(run_ids), "seconds": seconds}
+        launch_seconds = round(time.perf_counter() - began, 3)
+        launched = response.data["launchPartitionBackfill"]
+        if launched["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(str(launched))
+        began = time.perf_counter()
+        list(execute_backfill_iteration(context.process_context, logging.getLogger("backfill")))
+        iteration = round(time.perf_counter() - began, 3)
+        runs = context.process_context.instance.get_runs_count()
+    return {
+        "partitions": len(tables) * len(hours),
+        "tables": len(tables),
+        "seconds": launch_seconds,
+        "daemon_iteration_seconds": iteration,
+        "runs": runs,
+    }
 
 
 def main(argv: list[str]) -> None:
     commands: dict[str, Callable[..., dict[str, Any]]] = {
         "defs": child_defs,
+        "worker": child_worker,
         "graphql": child_graphql,
         "backfill": child_backfill,
     }

@@ -191,6 +191,31 @@ def recent_load_seconds(
     return seconds
 
 
+# A table's rows are the sum of its hours' rows in the ledger (a load replaces its hour's rows
+# and records how many it wrote): no scan of the table. The same text on both warehouses.
+TABLE_ROWS_SQL = (
+    "SELECT COALESCE(SUM(rows_loaded), 0) FROM clickstream.load_ledger WHERE stream = %s"
+)
+TABLE_COLUMNS_SQL = (
+    "SELECT column_name, data_type FROM information_schema.columns "
+    "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position"
+)
+
+
+def table_facts(
+    warehouse: Warehouse, stream: Stream, schema: bool = False
+) -> tuple[int, list[tuple[str, str]]]:
+    """The table's row count (from the ledger) and, if ``schema``, its columns and types."""
+    with warehouse.connection() as conn, conn.cursor() as cur:
+        cur.execute(TABLE_ROWS_SQL, (stream.key,))
+        row = cur.fetchone()
+        columns: list[tuple[str, str]] = []
+        if schema:
+            cur.execute(TABLE_COLUMNS_SQL, (stream.customer, stream.event))
+            columns = [(str(name), str(kind)) for name, kind in cur.fetchall()]
+    return int(row[0]) if row else 0, columns
+
+
 class Warehouse(Protocol):
     """A warehouse dialect. Every load replaces one (stream, hour) in one transaction."""
 

@@ -1,0 +1,163 @@
+"""Dagster as production runs it, on this machine: a code server, the webserver and the daemon.
+
+``clickstream dev`` runs them as separate processes, the way the Helm chart does (the code
+server is the Dockerfile's ``dagster code-server start``), so a registry change reloads the code
+location through the webserver exactly as in production. Stopping stops every process they
+started, whichever signal asked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+import yaml
+
+from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.webserver import DEFAULT_LOCATION
+
+MODULE = "clickstream_pipeline.definitions"
+_STARTUP_SECONDS = 180
+
+
+class DagsterServices:
+    """The code server, webserver and daemon for this code location, under ``root``."""
+
+    def __init__(self, root: str | Path, port: int, grpc_port: int, host: str = "127.0.0.1"):
+        self.root = Path(root)
+        self.port = port
+        self.grpc_port = grpc_port
+        self.host = host
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        workspace = self.root / "workspace.yaml"
+        workspace.write_text(
+            yaml.safe_dump(
+                {
+                    "load_from": [
+                        {
+                            "grpc_server": {
+                                "host": self.host,
+                                "port": self.grpc_port,
+                                "location_name": DEFAULT_LOCATION,
+                            }
+                        }
+                    ]
+                }
+            )
+        )
+        bin_dir = Path(sys.executable).parent
+        self._spawn(
+            bin_dir / "dagster",
+            "code-server",
+            "start",
+            "-m",
+            MODULE,
+            "--location-name",
+            DEFAULT_LOCATION,
+            "-h",
+            self.host,
+            "-p",
+            str(self.grpc_port),
+        )
+        self._wait_for_code_server(bin_dir / "dagster")
+        self._spawn(
+            bin_dir / "dagster-webserver",
+            "-w",
+            str(workspace),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+        )
+        self._spawn(bin_dir / "dagster-daemon", "run", "-w", workspace)
+
+    def _spawn(self, *command: str | Path) -> None:
+        self._processes.append(subprocess.Popen([str(part) for part in command]))
+
+    def _wait_for_code_server(self, dagster: Path) -> None:
+        """Until the code server answers (it has loaded the definitions), or it exits."""
+        deadline = time.monotonic() + _STARTUP_SECONDS
+        server = self._processes[0]
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise ClickstreamError("the Dagster code server exited while loading the code")
+            check = subprocess.run(
+                [
+                    str(dagster),
+                    "api",
+                    "grpc-health-check",
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.grpc_port),
+                ],
+                capture_output=True,
+                check=False,
+            )
+            if check.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise ClickstreamError(
+            f"the Dagster code server did not load the code in {_STARTUP_SECONDS} s"
+        )
+
+    def wait(self) -> int:
+        """Until any of the processes exits; its exit status."""
+        while True:
+            for process in self._processes:
+                status = process.poll()
+                if status is not None:
+                    return status
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop every process started, and every process they started (SIGTERM, then SIGKILL)."""
+        family: list[psutil.Process] = []
+        for process in self._processes:
+            try:
+                parent = psutil.Process(process.pid)
+                family += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for member in family:
+            try:
+                member.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(family, timeout=timeout)
+        for member in alive:
+            try:
+                member.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=timeout)
+        for process in self._processes:
+            process.wait(timeout)
+        self._processes = []
+
+    def __enter__(self) -> DagsterServices:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
