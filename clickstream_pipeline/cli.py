@@ -6,7 +6,6 @@ import functools
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -263,7 +262,7 @@ def stack(root: str, bucket: str, s3_port: int) -> None:
 
 
 def _wait_for_interrupt() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -541,6 +540,32 @@ def _print_load(summary: LoadSummary) -> None:
     )
 
 
+@cli.command("import-history")
+def import_history() -> None:
+    """Show every hour loaded before tables were assets as materialized in Dagster.
+
+    Reads the load ledger (CLICKSTREAM_WAREHOUSE_URL) and reports each loaded hour that the
+    instance in DAGSTER_HOME has no materialization of, for every table the ledger knows (removed
+    ones too); run it once after upgrading. Running it again reports nothing.
+    """
+    _quiet_dagster_warnings()
+    from clickstream_pipeline import history
+    from clickstream_pipeline.resources import WarehouseResource
+    from clickstream_pipeline.runner import dagster_instance
+
+    warehouse = WarehouseResource().warehouse()
+    total = sum(history.ledger_hours(warehouse).values())
+    with _progress() as progress:
+        task = progress.add_task("reporting loaded hours", total=total)
+        result = history.import_history(
+            dagster_instance(), warehouse, on_progress=lambda done: progress.advance(task, done)
+        )
+    out.print(
+        f"{result.reported:,} loaded hours of {result.tables:,} tables reported as materialized "
+        f"({result.present:,} already materialized)"
+    )
+
+
 @cli.command()
 @click.option(
     "--root",
@@ -681,57 +706,71 @@ def _print_demo(
 def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
     """Run the embedded stack with the Dagster UI and daemon, sensors on, and /metrics.
 
-    Prints the variables that point other terminals at the same stack (for example to run
-    'clickstream generate' or 'clickstream registry add' while the sensors watch).
+    Dagster runs as in production: a code server, the webserver and the daemon, so a registry
+    change ('clickstream registry add' in another terminal) reloads the code location. Prints the
+    variables that point other terminals at the same stack. Ctrl-C or SIGTERM stops everything.
     """
-    with LocalStack(root) as env:
-        os.environ.update(env)
-        try:
-            _serve_metrics("127.0.0.1", metrics_port)
-        except ClickstreamError as error:
-            # The UI and the sensors matter more here than the endpoint: go on without it.
-            err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
-        if sample:
-            spec = GeneratorSpec(
-                customers=2,
-                events=3,
-                hours=3,
-                events_per_file=500,
-                duplicate_rate=0.02,
-                bad_record_rate=0.01,
-                seed=7,
-                # Hours that ended over an hour ago: past any grace period, so they load at once.
-                start=hour_floor(datetime.now(UTC)) - timedelta(hours=4),
-            )
-            _register(spec)
-            write_files(
-                s3_client(),
-                env["CLICKSTREAM_BUCKET"],
-                generate_files(spec, Settings.from_env().raw_prefix, datetime.now(UTC)),
-            )
-        for name, value in env.items():
-            err.print(f"export {name}={shlex.quote(value)}", markup=False)
-        err.print(
-            f"Dagster UI on http://127.0.0.1:{port}, metrics on "
-            f"http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops everything)"
-        )
-        dagster = Path(sys.executable).parent / "dagster"
-        command = [
-            str(dagster),
-            "dev",
-            "-m",
-            "clickstream_pipeline.definitions",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ]
-        process = subprocess.Popen(command, env=os.environ.copy())
-        try:
-            process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)
-            process.wait(60)
+    from clickstream_pipeline.local.dagster import DagsterServices
+
+    # SIGTERM (a supervisor, `kill`) stops everything as Ctrl-C does, instead of leaving the
+    # embedded PostgreSQL and the Dagster processes running.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with LocalStack(root) as env:
+            os.environ.update(env)
+            os.environ["CLICKSTREAM_DAGSTER_URL"] = f"http://127.0.0.1:{port}"
+            try:
+                _serve_metrics("127.0.0.1", metrics_port)
+            except ClickstreamError as error:
+                # The UI and the sensors matter more here than the endpoint: go on without it.
+                err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
+            if sample:
+                _write_dev_sample(env["CLICKSTREAM_BUCKET"])
+            for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
+                err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
+            err.print("starting the Dagster code server, webserver and daemon ...")
+            services = DagsterServices(Path(root) / "dagster", port, _free_port())
+            with services:
+                err.print(
+                    f"Dagster UI on {services.url}, metrics on "
+                    f"http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops everything)"
+                )
+                status = services.wait()
+            raise ClickstreamError(f"a Dagster process exited with status {status}")
+    except KeyboardInterrupt:
+        err.print("stopped")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_dev_sample(bucket: str) -> None:
+    spec = GeneratorSpec(
+        customers=2,
+        events=3,
+        hours=3,
+        events_per_file=500,
+        duplicate_rate=0.02,
+        bad_record_rate=0.01,
+        seed=7,
+        # Hours that ended over an hour ago: past any grace period, so they load at once.
+        start=hour_floor(datetime.now(UTC)) - timedelta(hours=4),
+    )
+    _register(spec)
+    write_files(
+        s3_client(),
+        bucket,
+        generate_files(spec, Settings.from_env().raw_prefix, datetime.now(UTC)),
+    )
 
 
 @cli.command()

@@ -37,6 +37,9 @@ from clickstream_pipeline.sensors import build_registry_sync_sensor, build_s3_di
 from clickstream_pipeline.webserver import DagsterWebserverResource
 
 SNAPSHOT_KEY = "clickstream/registry"
+# Dagster copies sensors as it builds a repository and flags the copies' `owners` parameter as
+# beta although no sensor here sets it; every code server and run worker would log it.
+warnings.filterwarnings("ignore", message="Parameter `owners`", category=dg.BetaWarning)
 
 
 def build_defs(registry: Registry, location: str | None = None) -> dg.Definitions:

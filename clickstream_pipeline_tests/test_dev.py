@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickstream_pipeline_tests.helpers import free_port, outside_env
@@ -29,8 +30,22 @@ def graphql(port: int, query: str) -> Any:
         return json.loads(response.read())
 
 
-def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -> None:
+def processes_under(path: Path) -> list[str]:
+    """Command lines of running processes that name ``path`` (data dirs, workspace files)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if str(path) in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
+
+
+def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files_and_sigterm_stops_it(
+    tmp_path: Path,
+) -> None:
     port, metrics_port = free_port(), free_port()
+    root = tmp_path / "dev"
+    log = (tmp_path / "dev.log").open("w")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -38,7 +53,7 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
             "clickstream_pipeline.cli",
             "dev",
             "--root",
-            str(tmp_path),
+            str(root),
             "--port",
             str(port),
             "--metrics-port",
@@ -46,9 +61,8 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
         ],
         cwd=tmp_path,
         env=outside_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     runs: list[dict[str, str]] = []
@@ -86,6 +100,16 @@ def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files(tmp_path: Path) -
         }
         assert {"registry_sync_sensor", "s3_discovery_sensor"} <= set(ticks)
         assert all(0 <= age < 120 for age in ticks.values())
+        assert processes_under(root)  # PostgreSQL and the three Dagster servers
+
+        # SIGTERM to `clickstream dev` alone, as a supervisor or `kill` sends it.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(60)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+    assert processes_under(root) == []
+    output = (tmp_path / "dev.log").read_text()
+    assert "superseded" not in output and "Traceback" not in output
+    assert "Dagster UI on http://127.0.0.1:" in output

@@ -11,11 +11,15 @@ import dagster as dg
 import pytest
 
 from clickstream_pipeline.layout import hour_key
+from clickstream_pipeline.loader import RawStore, load_partition
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.partitions import raw_asset_key, table_asset_key
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
 from clickstream_pipeline_tests.helpers import (
     message_ids,
+    new_database,
     outside_env,
     put_file,
     query,
@@ -140,3 +144,43 @@ def test_dagster_asset_materialize_loads_a_customers_tables(
         assert instance.get_materialized_partitions(table_asset_key(signups)) == (
             {hour_key(H2)} if ranged else set()
         )
+
+
+def test_import_history_shows_ledger_hours_as_materialized_once(
+    pipeline: dict[str, str], tmp_path: Path, customer: str
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    url = new_database(pipeline["CLICKSTREAM_WAREHOUSE_URL"], "history")  # a ledger of its own
+    # Loaded before tables were assets: in the ledger, not in this Dagster instance.
+    views, removed = Stream(customer, "page_view"), Stream(customer, "gone")
+    store = RawStore(s3_client(), bucket, "raw")
+    for stream, hour in ((views, H1), (views, H2), (removed, H1)):
+        put_file(bucket, stream, hour, "a", [record(f"{stream.event}{hour:%H}", hour)])
+        load_partition(store, PostgresWarehouse(url), stream, hour)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**pipeline, "DAGSTER_HOME": str(home), "CLICKSTREAM_WAREHOUSE_URL": url}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(table_asset_key(views), partition=hour_key(H2))
+        )
+
+    first = run_cli("import-history", env=env)
+    again = run_cli("import-history", env=env)
+
+    assert first.returncode == 0, first.stderr
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_materialized_partitions(table_asset_key(views)) == {
+            hour_key(H1),
+            hour_key(H2),
+        }
+        assert instance.get_materialized_partitions(table_asset_key(removed)) == {hour_key(H1)}
+        [event] = instance.fetch_materializations(table_asset_key(removed), limit=5).records
+        metadata = event.asset_materialization.metadata  # type: ignore[union-attr]
+        assert metadata["rows_loaded"] == dg.IntMetadataValue(1)
+    assert first.stdout == (
+        "2 loaded hours of 2 tables reported as materialized (1 already materialized)\n"
+    )
+    assert again.stdout == (
+        "0 loaded hours of 2 tables reported as materialized (3 already materialized)\n"
+    )
