@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import dagster as dg
 import orjson
 import psycopg2
+import pytest
 
 from clickstream_pipeline.definitions import build_defs
 from clickstream_pipeline.layout import hour_floor, load_key, raw_key
+from clickstream_pipeline.local.dagster import DagsterServices
+from clickstream_pipeline.local.stack import DAGSTER_YAML
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry
 from clickstream_pipeline.s3 import s3_client
@@ -138,3 +146,59 @@ def defs_for(*streams: Stream) -> dg.Definitions:
 
 def load_keys(*pairs: tuple[Stream, datetime]) -> list[str]:
     return [load_key(stream, hour) for stream, hour in pairs]
+
+
+T = TypeVar("T")
+ASSETS_QUERY = "{ assetNodes { assetKey { path } } }"
+
+
+def graphql(port: int, query: str) -> Any:
+    """A GraphQL query to the webserver on 127.0.0.1:``port``."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = 180) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def tables(port: int) -> set[str]:
+    nodes = graphql(port, ASSETS_QUERY)["data"]["assetNodes"]
+    return {"/".join(node["assetKey"]["path"]) for node in nodes}
+
+
+@contextmanager
+def deployment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path | None = None
+) -> Iterator[DagsterServices]:
+    """A code server, webserver and daemon over the test's bucket and registry (read now), with
+    the Dagster instance in ``home`` (default: a new one under ``tmp_path``)."""
+    home = home or tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    services = DagsterServices(tmp_path / "dagster", free_port(), free_port())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("CLICKSTREAM_DAGSTER_URL", services.url)
+    with services:
+        wait_for(lambda: attempt(lambda: tables(services.port)), "the webserver", timeout=120)
+        yield services
+
+
+def attempt(action: Callable[[], T]) -> T | None:
+    """The action's value, or None while its server or table is not there yet."""
+    try:
+        return action()
+    except (OSError, psycopg2.Error):
+        return None

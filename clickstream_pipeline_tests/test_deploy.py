@@ -48,13 +48,13 @@ from clickstream_pipeline.resources import (
 )
 from clickstream_pipeline_tests.helpers import (
     free_port,
+    graphql,
     outside_env,
     put_file,
     query,
     recent_hour,
     record,
 )
-from clickstream_pipeline_tests.test_dev import graphql
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -8,9 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,67 +18,30 @@ import pytest
 from dagster._core.execution.backfill import BulkActionStatus
 
 from clickstream_pipeline.layout import hour_key
-from clickstream_pipeline.local.dagster import DagsterServices
-from clickstream_pipeline.local.stack import DAGSTER_YAML
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.partitions import table_asset_key
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline.webserver import launch_backfill
 from clickstream_pipeline_tests.helpers import (
-    free_port,
+    attempt,
+    deployment,
+    graphql,
     message_ids,
     put_file,
     recent_hour,
     record,
     run_cli,
+    tables,
+    wait_for,
 )
-from clickstream_pipeline_tests.test_dev import graphql
 
 T = TypeVar("T")
 OLD = recent_hour(60)  # beyond the discovery sensor's 24-hour lookback: only backfills load it
-ASSETS_QUERY = "{ assetNodes { assetKey { path } } }"
 TICKS_QUERY = """{ sensorOrError(sensorSelector: {repositoryLocationName: "clickstream_pipeline",
   repositoryName: "__repository__", sensorName: "s3_discovery_sensor"}) {
   ... on Sensor { sensorState { ticks(limit: 5) { status } } } } }"""
 HISTORY_QUERY = """{ assetOrError(assetKey: $k) {
   ... on Asset { assetMaterializations { partition } definition { id } } } }"""
-
-
-def wait_for(check: Callable[[], T | None], what: str, timeout: float = 180) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-
-
-def tables(port: int) -> set[str]:
-    nodes = graphql(port, ASSETS_QUERY)["data"]["assetNodes"]
-    return {"/".join(node["assetKey"]["path"]) for node in nodes}
-
-
-@contextmanager
-def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DagsterServices]:
-    """A code server, webserver and daemon over the test's bucket and registry (read now)."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
-    services = DagsterServices(tmp_path / "dagster", free_port(), free_port())
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("CLICKSTREAM_DAGSTER_URL", services.url)
-    with services:
-        wait_for(lambda: _try(lambda: tables(services.port)), "the webserver", timeout=120)
-        yield services
-
-
-def _try(action: Callable[[], T]) -> T | None:
-    """The action's value, or None while its server or table is not there yet."""
-    try:
-        return action()
-    except (OSError, psycopg2.Error):
-        return None
 
 
 def discovery_ticked(port: int) -> bool:
@@ -178,7 +138,7 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
         wait_for(lambda: f"{customer}/checkout" in tables(port), "the new table", timeout=120)
         recent = recent_hour(3)
         put_file(bucket, added, recent, "a", [record("c1", recent), record("c2", recent)])
-        wait_for(lambda: _try(lambda: message_ids(url, added)), "the new table's rows")
+        wait_for(lambda: attempt(lambda: message_ids(url, added)), "the new table's rows")
         assert sorted(message_ids(url, added)) == ["c1", "c2"]
 
         # 4. A run of a table removed while it runs finishes: its worker rebuilds the tables

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,24 +9,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from clickstream_pipeline_tests.helpers import free_port, outside_env
+from clickstream_pipeline_tests.helpers import free_port, graphql, outside_env
 
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName } } } }"
-
-
-def graphql(port: int, query: str) -> Any:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 def processes_under(path: Path) -> list[str]:
