@@ -149,12 +149,13 @@ def run(
         old = GeneratorSpec(**{**spec.__dict__, "start": new_hour - timedelta(days=3)})
         write_files(client, bucket, generate_files(old, raw, new_hour))
 
-        defs_load = run_measured([MODULE, "defs"], {})
+        load_data = str(Path(root) / "load_data.json")
+        defs_load = run_measured([MODULE, "defs", load_data], {})
         results["definitions_load_seconds"] = defs_load.result["seconds"]
         results["code_location_load"] = defs_load.result
-        results["run_worker_definitions_seconds"] = run_measured([MODULE, "worker"], {}).result[
-            "seconds"
-        ]
+        worker = run_measured([MODULE, "worker", load_data], {})
+        results["run_worker_definitions_seconds"] = worker.result["seconds"]
+        results["run_worker"] = {**worker.result, "peak_rss_mb": round(worker.peak_rss_mb, 1)}
 
         resources = {
             "s3": S3StorageResource(),
@@ -266,18 +267,102 @@ def run(
             }
         except (RuntimeError, TimeoutError, MemoryError) as error:
             results["backfill_submit"] = {"partitions": len(hours) * streams, "failed": str(error)}
+        results["deployment"] = _deployment(Path(root), registry)
+        results["idle_load"] = _idle_load(Path(root), spec.streams[:10], env)
     return results
+
+
+def _deployment(root: Path, registry: Path) -> dict[str, Any]:
+    """A code server, webserver and daemon over every table: how long until the webserver
+    serves them all, and until a table added to the registry is an asset there."""
+    from clickstream_pipeline.local.dagster import DagsterServices
+    from clickstream_pipeline.names import Stream
+
+    services = DagsterServices(root / "dagster", _free_port(), _free_port())
+    os.environ["CLICKSTREAM_DAGSTER_URL"] = services.url
+    began = time.perf_counter()
+    with services:
+        assets = _poll(lambda: _asset_count(services.port), timeout=600)
+        served = time.perf_counter() - began
+        added = Stream("bench_added", "checkout")
+        with YamlFileRegistry(registry).edit() as edit:
+            edit.registry = edit.registry.with_streams([added])
+        changed = time.perf_counter()
+        _poll(lambda: _has_asset(services.port, ["bench_added", "checkout"]), timeout=600)
+        appeared = time.perf_counter() - changed
+    return {
+        "assets": assets,
+        "location_served_seconds": round(served, 1),
+        "registry_add_to_asset_seconds": round(appeared, 1),
+    }
+
+
+def _idle_load(root: Path, streams: tuple[Any, ...], env: dict[str, str]) -> dict[str, Any]:
+    """`clickstream load` of a few tables, then again with nothing new: the second's wall."""
+    registry = root / "idle-registry.yaml"
+    YamlFileRegistry(registry).save(Registry().with_streams(streams))
+    home = Path(tempfile.mkdtemp(dir=root))
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    child = {**env, "CLICKSTREAM_REGISTRY": str(registry), "DAGSTER_HOME": str(home)}
+    command = ["clickstream_pipeline.cli", "load", "--grace-minutes", "0"]
+    run_measured(command, child)
+    idle = run_measured(command, child)
+    return {"streams": len(streams), "seconds": round(idle.wall_seconds, 2)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _graphql_at(port: int, query: str) -> Any:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _asset_count(port: int) -> int:
+    return len(_graphql_at(port, "{ assetNodes { id } }")["data"]["assetNodes"])
+
+
+def _has_asset(port: int, path: list[str]) -> bool:
+    query = "{ assetNodeOrError(assetKey: {path: %s}) { __typename } }" % json.dumps(path)
+    return _graphql_at(port, query)["data"]["assetNodeOrError"]["__typename"] == "AssetNode"
+
+
+def _poll(check: Callable[[], T], timeout: float) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done within {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 # --- child processes ------------------------------------------------------------------------
 
 
-def child_defs() -> dict[str, Any]:
+def child_defs(load_data_file: str) -> dict[str, Any]:
     """What a code server does as it loads: read the registry, build the definitions and the
-    snapshot the webserver and daemon receive."""
+    snapshot the webserver and daemon receive. Writes the load data a run worker gets."""
     from dagster._core.code_pointer import CodePointer
     from dagster._core.definitions.reconstruct import initialize_repository_def_from_pointer
     from dagster._core.remote_representation.external_data import RepositorySnap
+    from dagster_shared.serdes import serialize_value
 
     began = time.perf_counter()
     repository = initialize_repository_def_from_pointer(
@@ -286,6 +371,7 @@ def child_defs() -> dict[str, Any]:
     built = time.perf_counter() - began
     repository.asset_graph  # noqa: B018 - resolving the graph is part of the load
     RepositorySnap.from_def(repository)
+    Path(load_data_file).write_text(serialize_value(repository.repository_load_data))
     return {
         "seconds": round(time.perf_counter() - began, 3),
         "definitions_seconds": round(built, 3),
@@ -293,26 +379,26 @@ def child_defs() -> dict[str, Any]:
     }
 
 
-def child_worker() -> dict[str, Any]:
-    """What a run worker does before its first step: rebuild the definitions from the code
-    server's registry snapshot (not the registry) and resolve the job it runs."""
+def child_worker(load_data_file: str) -> dict[str, Any]:
+    """What a run worker does before its first step: import the code, rebuild the definitions
+    from the code server's registry snapshot (the registry is not read) and resolve the jobs."""
+    began = time.perf_counter()
     from dagster._core.code_pointer import CodePointer
-    from dagster._core.definitions.reconstruct import (
-        initialize_repository_def_from_pointer,
-        reconstruct_repository_def_from_pointer,
-    )
+    from dagster._core.definitions.reconstruct import reconstruct_repository_def_from_pointer
+    from dagster_shared.serdes import deserialize_value
 
     from clickstream_pipeline.jobs import LOAD_JOB
 
+    load_data = deserialize_value(Path(load_data_file).read_text())
+    os.environ["CLICKSTREAM_REGISTRY"] = "/nonexistent/registry.yaml"  # it must not be needed
     pointer = CodePointer.from_module("clickstream_pipeline.definitions", "defs", None)
-    load_data = initialize_repository_def_from_pointer(pointer).repository_load_data
-    # The registry is gone: the worker must not need it.
-    os.environ["CLICKSTREAM_REGISTRY"] = "/nonexistent/registry.yaml"
-    began = time.perf_counter()
-    repository = reconstruct_repository_def_from_pointer(pointer, load_data)
+    repository = reconstruct_repository_def_from_pointer(pointer, load_data)  # type: ignore[arg-type]
     repository.get_job(LOAD_JOB)
     repository.get_implicit_asset_job_names()
-    return {"seconds": round(time.perf_counter() - began, 3)}
+    return {
+        "seconds": round(time.perf_counter() - began, 3),
+        "assets": len(repository.asset_graph.get_all_asset_keys()),
+    }
 
 
 def _graphql(home: str) -> Any:
@@ -362,12 +448,11 @@ def child_backfill(home: str, hours_json: str) -> dict[str, Any]:
     hours = json.loads(hours_json)
     with _graphql(home) as context:
         request = context.process_context.create_request_context()
-        [location] = request.code_location_entries.values()
-        [repository] = location.code_location.get_repositories().values()
+        nodes = execute_dagster_graphql(request, "{ assetNodes { assetKey { path } } }")
         tables = [
-            {"path": list(node.key.path)}
-            for node in repository.get_asset_node_snaps()
-            if node.is_executable
+            {"path": node["assetKey"]["path"]}
+            for node in nodes.data["assetNodes"]
+            if node["assetKey"]["path"][0] != "raw"
         ]
         began = time.perf_counter()
         response = execute_dagster_graphql(
