@@ -335,7 +335,7 @@ def _asset_count(port: int) -> int:
 
 
 def _has_asset(port: int, path: list[str]) -> bool:
-    query = "{ assetNodeOrError(assetKey: {path: %s}) { __typename } }" % json.dumps(path)
+    query = "{ assetNodeOrError(assetKey: {path: " + json.dumps(path) + "}) { __typename } }"
     return _graphql_at(port, query)["data"]["assetNodeOrError"]["__typename"] == "AssetNode"
 
 
