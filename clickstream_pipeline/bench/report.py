@@ -38,7 +38,7 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             rows.append(("RSS flat as N grows", "<= 1.25x", f"{growth:.2f}x", growth <= 1.25))
     orchestration = results.get("orchestration")
     if orchestration:
-        for path in ("clickstream_load", "daemon"):
+        for path in ("clickstream_load", "daemon", "ui_backfill"):
             if path in orchestration:
                 rate = orchestration[path]["partitions_per_minute"]
                 rows.append(
@@ -209,7 +209,7 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
             "| path | partitions loaded | wall s | machine CPU s | partitions/min |",
             "|---|---|---|---|---|",
         ]
-        for path in ("clickstream_load", "daemon"):
+        for path in ("clickstream_load", "daemon", "ui_backfill"):
             if path in orchestration:
                 row = orchestration[path]
                 lines.append(

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -297,7 +297,7 @@ def _deployment(root: Path, registry: Path) -> dict[str, Any]:
     }
 
 
-def _idle_load(root: Path, streams: tuple[Any, ...], env: dict[str, str]) -> dict[str, Any]:
+def _idle_load(root: Path, streams: Sequence[Any], env: dict[str, str]) -> dict[str, Any]:
     """`clickstream load` of a few tables, then again with nothing new: the second's wall."""
     registry = root / "idle-registry.yaml"
     YamlFileRegistry(registry).save(Registry().with_streams(streams))
