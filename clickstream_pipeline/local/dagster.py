@@ -8,6 +8,7 @@ started, whichever signal asked.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import psutil
 import yaml
 
 from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.local.stack import DAGSTER_ENV
 from clickstream_pipeline.webserver import DEFAULT_LOCATION
 
 MODULE = "clickstream_pipeline.definitions"
@@ -83,7 +85,8 @@ class DagsterServices:
         self._spawn(bin_dir / "dagster-daemon", "run", "-w", workspace)
 
     def _spawn(self, *command: str | Path) -> None:
-        self._processes.append(subprocess.Popen([str(part) for part in command]))
+        env = {**DAGSTER_ENV, **os.environ}
+        self._processes.append(subprocess.Popen([str(part) for part in command], env=env))
 
     def _wait_for_code_server(self, dagster: Path) -> None:
         """Until the code server answers (it has loaded the definitions), or it exits."""

@@ -1,0 +1,5 @@
+"""``python -m clickstream_pipeline.cli``."""
+
+from clickstream_pipeline.cli import main
+
+main()

@@ -1,0 +1,271 @@
+"""``clickstream stack``, ``demo`` and ``dev``: the pipeline on the embedded stack."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from rich.table import Table
+
+from clickstream_pipeline.cli.app import (
+    cli,
+    err,
+    interrupt,
+    out,
+    progress,
+    register,
+    wait_for_interrupt,
+)
+from clickstream_pipeline.cli.load import load_through_dagster
+from clickstream_pipeline.cli.ops import serve_metrics
+from clickstream_pipeline.config import Settings
+from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.generator import (
+    GeneratorSpec,
+    generate_files,
+    write_files,
+)
+from clickstream_pipeline.layout import hour_floor
+from clickstream_pipeline.local import LocalStack
+from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
+from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.warehouse import warehouse_for_url
+
+if TYPE_CHECKING:
+    from clickstream_pipeline.runner import LoadSummary
+
+
+@cli.command()
+@click.option(
+    "--root",
+    default=str(DEFAULT_ROOT),
+    show_default=True,
+    type=click.Path(),
+    help="Where the embedded PostgreSQL keeps its data.",
+)
+@click.option("--bucket", default=DEFAULT_BUCKET, show_default=True)
+@click.option(
+    "--s3-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="Port of the local S3 server (default: a free one).",
+)
+def stack(root: str, bucket: str, s3_port: int) -> None:
+    """Run the embedded PostgreSQL and local S3 server until Ctrl-C; print their env vars.
+
+    Objects in the local S3 server live in memory and go away when it stops.
+    """
+    with LocalStack(root, bucket=bucket, s3_port=s3_port) as env:
+        for name, value in env.items():
+            out.print(f"export {name}={shlex.quote(value)}")
+        err.print("embedded stack running; press Ctrl-C to stop")
+        wait_for_interrupt()
+
+
+@cli.command()
+@click.option(
+    "--root",
+    default=str(DEFAULT_ROOT / "demo"),
+    show_default=True,
+    type=click.Path(),
+    help="Where the demo keeps its embedded PostgreSQL and Dagster instance.",
+)
+@click.option("--customers", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--events", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--hours", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--events-per-file", default=5000, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=42, show_default=True, type=int)
+def demo(
+    root: str, customers: int, events: int, hours: int, events_per_file: int, seed: int
+) -> None:
+    """Run the whole pipeline on embedded defaults and print a summary.
+
+    Starts an embedded PostgreSQL and a local S3 server, writes synthetic events (with
+    duplicates, bad records and late files), loads them through Dagster, writes the late files,
+    loads again, and checks the tables hold exactly the unique valid events.
+    """
+    spec = GeneratorSpec(
+        customers=customers,
+        events=events,
+        hours=hours,
+        events_per_file=events_per_file,
+        files_per_hour=2,
+        duplicate_rate=0.03,
+        bad_record_rate=0.005,
+        late_files=max(1, customers * events * hours // 8),
+        skew=5,
+        seed=seed,
+    )
+    began = time.perf_counter()
+    err.print("starting the embedded PostgreSQL and local S3 server ...")
+    with LocalStack(root, fresh=True) as env:
+        os.environ.update(env)
+        settings = Settings.from_env()
+        now = datetime.now(UTC)
+        client = s3_client()
+        register(spec)
+        with progress() as bar:
+            task = bar.add_task("writing events", total=None)
+            written = write_files(
+                client,
+                env["CLICKSTREAM_BUCKET"],
+                generate_files(spec, settings.raw_prefix, now, include="on_time"),
+                on_file=lambda _: bar.advance(task),
+            )
+        err.print(f"wrote {written.files} files, {written.records:,} events; loading ...")
+        first = load_through_dagster(grace_minutes=0)
+        late = write_files(
+            client,
+            env["CLICKSTREAM_BUCKET"],
+            generate_files(spec, settings.raw_prefix, now, include="late"),
+        )
+        err.print(f"{late.files} late files arrived; loading again ...")
+        second = load_through_dagster(grace_minutes=0)
+        third = load_through_dagster(grace_minutes=0)
+        expected = _expected_rows(spec, settings.raw_prefix, now)
+        _print_demo(spec, expected, [first, second, third], time.perf_counter() - began)
+
+
+def _expected_rows(spec: GeneratorSpec, raw_prefix: str, now: datetime) -> dict[str, int]:
+    expected: dict[str, int] = {}
+    for generated in generate_files(spec, raw_prefix, now):
+        key = generated.stream.key
+        expected[key] = expected.get(key, 0) + generated.new_messages
+    return expected
+
+
+def _print_demo(
+    spec: GeneratorSpec, expected: dict[str, int], loads: list[LoadSummary], seconds: float
+) -> None:
+    warehouse = warehouse_for_url(Settings.from_env().require_warehouse_url())
+    rows = warehouse.row_counts(spec.streams)
+    ledger = warehouse.ledger(spec.streams)
+    table = Table(title="clickstream demo: warehouse tables", title_justify="left")
+    for column in ("table", "rows", "expected", "duplicates dropped", "quarantined", "events read"):
+        table.add_column(column, justify="left" if column == "table" else "right")
+    totals = [0, 0, 0, 0, 0]
+    for stream in spec.streams:
+        entries = [e for (key, _), e in ledger.items() if key == stream.key]
+        values = [
+            rows[stream.key],
+            expected[stream.key],
+            sum(e.duplicates for e in entries),
+            sum(e.quarantined for e in entries),
+            sum(e.records_read for e in entries),
+        ]
+        totals = [a + b for a, b in zip(totals, values, strict=True)]
+        table.add_row(stream.key, *(f"{v:,}" for v in values))
+    table.add_row("total", *(f"{v:,}" for v in totals), style="bold")
+    out.print(table)
+    first, second, third = loads
+    load_seconds = first.seconds + second.seconds
+    rate = (first.records_read + second.records_read) / load_seconds if load_seconds else 0.0
+    out.print(
+        f"first load: {first.loaded} partitions in {first.seconds:.1f} s; late files: "
+        f"{second.loaded} partitions reloaded in {second.seconds:.1f} s; a third load found "
+        f"{third.pending} to do"
+    )
+    out.print(f"loaded at {rate:,.0f} events/s; demo took {seconds:.1f} s in all")
+    if rows != expected or first.failed or second.failed:
+        raise ClickstreamError("the tables do not hold exactly the unique valid events")
+    out.print("every table holds exactly the unique valid events: nothing lost, nothing twice")
+
+
+@cli.command()
+@click.option(
+    "--root",
+    default=str(DEFAULT_ROOT / "dev"),
+    show_default=True,
+    type=click.Path(),
+    help="Where the embedded PostgreSQL and the Dagster instance live.",
+)
+@click.option(
+    "--port",
+    default=3000,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the Dagster UI on 127.0.0.1.",
+)
+@click.option(
+    "--sample/--no-sample",
+    default=True,
+    show_default=True,
+    help="Write a few hours of synthetic events to start with.",
+)
+@click.option(
+    "--metrics-port",
+    default=9108,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the Prometheus /metrics endpoint on 127.0.0.1.",
+)
+def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
+    """Run the embedded stack with the Dagster UI and daemon, sensors on, and /metrics.
+
+    Dagster runs as in production: a code server, the webserver and the daemon, so a registry
+    change ('clickstream registry add' in another terminal) reloads the code location. Prints the
+    variables that point other terminals at the same stack. Ctrl-C or SIGTERM stops everything.
+    """
+    from clickstream_pipeline.local.dagster import DagsterServices
+
+    # SIGTERM (a supervisor, `kill`) stops everything as Ctrl-C does, instead of leaving the
+    # embedded PostgreSQL and the Dagster processes running.
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with LocalStack(root) as env:
+            os.environ.update(env)
+            os.environ["CLICKSTREAM_DAGSTER_URL"] = f"http://127.0.0.1:{port}"
+            try:
+                serve_metrics("127.0.0.1", metrics_port)
+            except ClickstreamError as error:
+                # The UI and the sensors matter more here than the endpoint: go on without it.
+                err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
+            if sample:
+                _write_dev_sample(env["CLICKSTREAM_BUCKET"])
+            for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
+                err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
+            err.print("starting the Dagster code server, webserver and daemon ...")
+            services = DagsterServices(Path(root) / "dagster", port, _free_port())
+            with services:
+                err.print(
+                    f"Dagster UI on {services.url}, metrics on "
+                    f"http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops everything)"
+                )
+                status = services.wait()
+            raise ClickstreamError(f"a Dagster process exited with status {status}")
+    except KeyboardInterrupt:
+        err.print("stopped")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_dev_sample(bucket: str) -> None:
+    spec = GeneratorSpec(
+        customers=2,
+        events=3,
+        hours=3,
+        events_per_file=500,
+        duplicate_rate=0.02,
+        bad_record_rate=0.01,
+        seed=7,
+        # Hours that ended over an hour ago: past any grace period, so they load at once.
+        start=hour_floor(datetime.now(UTC)) - timedelta(hours=4),
+    )
+    register(spec)
+    write_files(
+        s3_client(),
+        bucket,
+        generate_files(spec, Settings.from_env().raw_prefix, datetime.now(UTC)),
+    )

@@ -1,0 +1,55 @@
+"""``clickstream registry``: list and edit the registry."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+
+from clickstream_pipeline.cli.app import (
+    cli,
+    err,
+    out,
+)
+from clickstream_pipeline.registry import registry_backend
+
+if TYPE_CHECKING:
+    pass
+
+
+@cli.group()
+def registry() -> None:
+    """List and edit the registry of customers and events (CLICKSTREAM_REGISTRY)."""
+
+
+@registry.command("list")
+def registry_list() -> None:
+    """Print every registered stream, one per line."""
+    for stream in registry_backend().load().streams:
+        out.print(stream.key)
+
+
+@registry.command("add")
+@click.argument("customer")
+@click.argument("events", nargs=-1, required=True)
+def registry_add(customer: str, events: tuple[str, ...]) -> None:
+    """Register EVENTS for CUSTOMER (created if new); they load from the next sensor tick."""
+    backend = registry_backend()
+    with backend.edit() as edit:
+        edit.registry = edit.registry.with_added(customer, events)
+    err.print(f"registered {', '.join(f'{customer}.{e}' for e in events)} in {backend.location}")
+
+
+@registry.command("remove")
+@click.argument("customer")
+@click.argument("events", nargs=-1)
+def registry_remove(customer: str, events: tuple[str, ...]) -> None:
+    """Stop loading EVENTS of CUSTOMER (all of its events if none are given).
+
+    Raw files and warehouse tables are kept; adding the stream back resumes loading.
+    """
+    backend = registry_backend()
+    with backend.edit() as edit:
+        edit.registry = edit.registry.with_removed(customer, events)
+    removed = ", ".join(f"{customer}.{e}" for e in events) if events else f"customer {customer}"
+    err.print(f"removed {removed} from {backend.location}")
