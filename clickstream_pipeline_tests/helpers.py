@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import gzip
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -24,6 +21,8 @@ import pytest
 from clickstream_pipeline.definitions import build_defs
 from clickstream_pipeline.layout import hour_floor, load_key, raw_key
 from clickstream_pipeline.local.dagster import DagsterServices
+from clickstream_pipeline.local.dagster import free_port as free_port
+from clickstream_pipeline.local.dagster import graphql as local_graphql
 from clickstream_pipeline.local.stack import DAGSTER_YAML
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry
@@ -109,13 +108,6 @@ def message_ids(url: str, stream: Stream) -> dict[str, datetime]:
     return dict(rows)
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now, on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def outside_env() -> dict[str, str]:
     """This process's environment without the pipeline's variables: a user's fresh shell."""
     return {
@@ -149,18 +141,11 @@ def load_keys(*pairs: tuple[Stream, datetime]) -> list[str]:
 
 
 T = TypeVar("T")
-ASSETS_QUERY = "{ assetNodes { assetKey { path } } }"
 
 
 def graphql(port: int, query: str) -> Any:
-    """A GraphQL query to the webserver on 127.0.0.1:``port``."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    """A GraphQL query to the webserver on 127.0.0.1:``port``: the whole response."""
+    return {"data": local_graphql(f"http://127.0.0.1:{port}", query)}
 
 
 def wait_for(check: Callable[[], T | None], what: str, timeout: float = 180) -> T:
@@ -173,11 +158,6 @@ def wait_for(check: Callable[[], T | None], what: str, timeout: float = 180) -> 
         time.sleep(1)
 
 
-def tables(port: int) -> set[str]:
-    nodes = graphql(port, ASSETS_QUERY)["data"]["assetNodes"]
-    return {"/".join(node["assetKey"]["path"]) for node in nodes}
-
-
 @contextmanager
 def deployment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, home: Path | None = None
@@ -188,11 +168,11 @@ def deployment(
     home.mkdir(exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text(DAGSTER_YAML)
-    services = DagsterServices(tmp_path / "dagster", free_port(), free_port())
+    services = DagsterServices(tmp_path / "dagster")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("CLICKSTREAM_DAGSTER_URL", services.url)
     with services:
-        wait_for(lambda: attempt(lambda: tables(services.port)), "the webserver", timeout=120)
+        wait_for(lambda: attempt(services.asset_keys), "the webserver", timeout=120)
         yield services
 
 

@@ -25,28 +25,18 @@ from clickstream_pipeline.webserver import launch_backfill
 from clickstream_pipeline_tests.helpers import (
     attempt,
     deployment,
-    graphql,
     message_ids,
     put_file,
     recent_hour,
     record,
     run_cli,
-    tables,
     wait_for,
 )
 
 T = TypeVar("T")
 OLD = recent_hour(60)  # beyond the discovery sensor's 24-hour lookback: only backfills load it
-TICKS_QUERY = """{ sensorOrError(sensorSelector: {repositoryLocationName: "clickstream_pipeline",
-  repositoryName: "__repository__", sensorName: "s3_discovery_sensor"}) {
-  ... on Sensor { sensorState { ticks(limit: 5) { status } } } } }"""
 HISTORY_QUERY = """{ assetOrError(assetKey: $k) {
   ... on Asset { assetMaterializations { partition } definition { id } } } }"""
-
-
-def discovery_ticked(port: int) -> bool:
-    sensor = graphql(port, TICKS_QUERY)["data"]["sensorOrError"]
-    return any(t["status"] in ("SKIPPED", "SUCCESS") for t in sensor["sensorState"]["ticks"])
 
 
 def finished_backfill(instance: dg.DagsterInstance, backfill_id: str) -> Any:
@@ -80,10 +70,12 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
     registry.save(Registry().with_streams(streams))
 
     with deployment(tmp_path, monkeypatch) as services, dg.DagsterInstance.get() as instance:
-        port = services.port
-        assert tables(port) >= {f"{s.customer}/{s.event}" for s in streams}
+        assert services.asset_keys() >= {f"{s.customer}/{s.event}" for s in streams}
         # Once the sensor has listed the new tables (empty), it looks back 24 hours only.
-        wait_for(lambda: discovery_ticked(port), "the discovery sensor's first tick")
+        wait_for(
+            lambda: services.sensor_ticked("s3_discovery_sensor"),
+            "the discovery sensor's first tick",
+        )
 
         # 1. A backfill as the UI's "Materialize" dialog launches it: 3 tables x 3 hours.
         hours = [OLD + timedelta(hours=n) for n in range(3)]
@@ -135,7 +127,9 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
         # 3. A registry add becomes an asset through a reload, and its files load.
         added = Stream(customer, "checkout")
         assert run_cli("registry", "add", customer, "checkout").returncode == 0
-        wait_for(lambda: f"{customer}/checkout" in tables(port), "the new table", timeout=120)
+        wait_for(
+            lambda: f"{customer}/checkout" in services.asset_keys(), "the new table", timeout=120
+        )
         recent = recent_hour(3)
         put_file(bucket, added, recent, "a", [record("c1", recent), record("c2", recent)])
         wait_for(lambda: attempt(lambda: message_ids(url, added)), "the new table's rows")
@@ -165,7 +159,9 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
                 "the run to start",
             )
             assert run_cli("registry", "remove", customer, "signup").returncode == 0
-            wait_for(lambda: f"{customer}/signup" not in tables(port), "the reload", timeout=120)
+            wait_for(
+                lambda: f"{customer}/signup" not in services.asset_keys(), "the reload", timeout=120
+            )
         finally:
             blocker.rollback()
             blocker.close()
@@ -180,8 +176,8 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
         assert removed_run.status == dg.DagsterRunStatus.SUCCESS
         assert "late" in message_ids(url, signup)
         # Its history stays browsable; it is no longer defined.
-        history = graphql(port, HISTORY_QUERY.replace("$k", f'{{path: ["{customer}", "signup"]}}'))[
-            "data"
-        ]["assetOrError"]
+        history = services.graphql(
+            HISTORY_QUERY.replace("$k", f'{{path: ["{customer}", "signup"]}}')
+        )["assetOrError"]
         assert history["definition"] is None
         assert len(history["assetMaterializations"]) == 7  # 6 hours, then the late file

@@ -17,6 +17,8 @@ from typing import Any
 
 import psutil
 
+from clickstream_pipeline.local.stack import ENV_NAMES
+
 
 @dataclass(frozen=True)
 class StackProcess:
@@ -45,7 +47,7 @@ def stack_process(root: Path) -> Iterator[StackProcess]:
     try:
         assert process.stdout is not None
         env: dict[str, str] = {}
-        while len(env) < 8:
+        while set(env) != set(ENV_NAMES):
             line = process.stdout.readline()
             if not line:
                 raise RuntimeError("the embedded stack did not start")
@@ -55,6 +57,34 @@ def stack_process(root: Path) -> Iterator[StackProcess]:
     finally:
         process.terminate()
         process.wait(60)
+
+
+def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
+    """A Dagster instance directory whose storage is database ``name`` on the warehouse's
+    PostgreSQL server (created), as production keeps it (deploy/dagster.yaml): event writes and
+    partition queries are measured on the storage a deployment has, not on sqlite."""
+    import re
+
+    import psycopg2
+    from psycopg2 import sql
+
+    admin = psycopg2.connect(warehouse_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    admin.close()
+    socket = re.search(r"[?&]host=([^&]+)", warehouse_url)
+    host = f"?host={socket.group(1)}" if socket else ""
+    home = Path(tempfile.mkdtemp(dir=root))
+    (home / "dagster.yaml").write_text(
+        "storage:\n  postgres:\n    postgres_url: "
+        f"postgresql+psycopg2://postgres:@/{name}{host}\n"
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n"
+        "  class: QueuedRunCoordinator\n  config:\n    max_concurrent_runs: 2\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    return home
 
 
 @dataclass(frozen=True)

@@ -19,22 +19,15 @@ from typing import Any
 import psutil
 import psycopg2
 
-from clickstream_pipeline.bench.common import run_measured, stack_process
+from clickstream_pipeline.bench.common import (
+    dagster_home_on_postgres,
+    run_measured,
+    stack_process,
+)
 from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
 from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline.s3 import s3_client
-
-# The daemon's instance: a run queue sized for two cores, runs as subprocesses.
-DAEMON_DAGSTER_YAML = """\
-run_coordinator:
-  module: dagster._core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 2
-telemetry:
-  enabled: false
-"""
 
 
 @contextmanager
@@ -141,15 +134,14 @@ def _through_backfill(
     from clickstream_pipeline.partitions import table_asset_key
     from clickstream_pipeline.webserver import launch_backfill
 
-    home = Path(tempfile.mkdtemp(dir=root))
-    (home / "dagster.yaml").write_text(DAEMON_DAGSTER_YAML)
-    services = DagsterServices(Path(root) / "dagster", _free_port(), _free_port())
+    home = dagster_home_on_postgres(Path(root), url, "backfill")
+    services = DagsterServices(Path(root) / "dagster")
     os.environ.update({**env, "DAGSTER_HOME": str(home), "CLICKSTREAM_DAGSTER_URL": services.url})
     YamlFileRegistry(registry).save(Registry().with_streams(spec.streams))
     assert spec.start is not None
     partitions = len(spec.streams)
     with services:
-        _wait(lambda: _discovery_ticked(services.port), timeout=600)
+        _wait(lambda: _attempt(lambda: services.sensor_ticked("s3_discovery_sensor")), 600)
         _write_hour(env, spec, registry)
         cpu = _machine_cpu()
         began = time.perf_counter()
@@ -176,33 +168,11 @@ def _through_backfill(
     }
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _discovery_ticked(port: int) -> bool:
-    import json
-    import urllib.request
-
-    query = """{ sensorOrError(sensorSelector: {repositoryLocationName: "clickstream_pipeline",
-      repositoryName: "__repository__", sensorName: "s3_discovery_sensor"}) {
-      ... on Sensor { sensorState { ticks(limit: 5) { status } } } } }"""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+def _attempt(check: Callable[[], bool]) -> bool:
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            sensor = json.loads(response.read())["data"]["sensorOrError"]
-    except OSError:
+        return check()
+    except OSError:  # the webserver is not up yet
         return False
-    ticks = sensor.get("sensorState", {}).get("ticks", [])
-    return any(tick["status"] in ("SKIPPED", "SUCCESS") for tick in ticks)
 
 
 def _wait(check: Callable[[], bool], timeout: float) -> None:
@@ -217,8 +187,7 @@ def _through_daemon(
     env: dict[str, str], root: str, url: str, hour: datetime, partitions: int, timeout: float = 900
 ) -> dict[str, Any]:
     """Start dagster-daemon (sensors, run queue) and time it until every partition is loaded."""
-    home = Path(tempfile.mkdtemp(dir=root))
-    (home / "dagster.yaml").write_text(DAEMON_DAGSTER_YAML)
+    home = dagster_home_on_postgres(Path(root), url, "daemon")
     daemon = Path(sys.executable).parent / "dagster-daemon"
     cpu = _machine_cpu()
     began = time.perf_counter()

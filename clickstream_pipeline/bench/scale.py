@@ -17,7 +17,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from clickstream_pipeline.bench.common import StackProcess, run_measured, stack_process
+from clickstream_pipeline.bench.common import (
+    StackProcess,
+    dagster_home_on_postgres,
+    run_measured,
+    stack_process,
+)
 from clickstream_pipeline.generator import GeneratorSpec, generate_files, write_files
 from clickstream_pipeline.layout import hour_floor, hour_key
 from clickstream_pipeline.metrics import s3_requests
@@ -130,8 +135,7 @@ def run(
         server = None if s3_bucket else stack
         results["s3"] = f"s3://{s3_bucket}" if s3_bucket else "local (moto)"
         os.environ.update(env)
-        home = Path(tempfile.mkdtemp(dir=root))
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        home = dagster_home_on_postgres(Path(root), env["CLICKSTREAM_WAREHOUSE_URL"], "scale")
         os.environ["DAGSTER_HOME"] = str(home)
         registry = Path(root) / "registry.yaml"
         os.environ["CLICKSTREAM_REGISTRY"] = str(registry)
@@ -278,17 +282,17 @@ def _deployment(root: Path, registry: Path) -> dict[str, Any]:
     from clickstream_pipeline.local.dagster import DagsterServices
     from clickstream_pipeline.names import Stream
 
-    services = DagsterServices(root / "dagster", _free_port(), _free_port())
+    services = DagsterServices(root / "dagster")
     os.environ["CLICKSTREAM_DAGSTER_URL"] = services.url
     began = time.perf_counter()
     with services:
-        assets = _poll(lambda: _asset_count(services.port), timeout=600)
+        assets = len(_poll(services.asset_keys, timeout=600))
         served = time.perf_counter() - began
         added = Stream("bench_added", "checkout")
         with YamlFileRegistry(registry).edit() as edit:
             edit.registry = edit.registry.with_streams([added])
         changed = time.perf_counter()
-        _poll(lambda: _has_asset(services.port, ["bench_added", "checkout"]), timeout=600)
+        _poll(lambda: "bench_added/checkout" in services.asset_keys(), timeout=600)
         appeared = time.perf_counter() - changed
     return {
         "assets": assets,
@@ -308,35 +312,6 @@ def _idle_load(root: Path, streams: Sequence[Any], env: dict[str, str]) -> dict[
     run_measured(command, child)
     idle = run_measured(command, child)
     return {"streams": len(streams), "seconds": round(idle.wall_seconds, 2)}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _graphql_at(port: int, query: str) -> Any:
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-def _asset_count(port: int) -> int:
-    return len(_graphql_at(port, "{ assetNodes { id } }")["data"]["assetNodes"])
-
-
-def _has_asset(port: int, path: list[str]) -> bool:
-    query = "{ assetNodeOrError(assetKey: {path: " + json.dumps(path) + "}) { __typename } }"
-    return _graphql_at(port, query)["data"]["assetNodeOrError"]["__typename"] == "AssetNode"
 
 
 def _poll(check: Callable[[], T], timeout: float) -> T:

@@ -231,7 +231,7 @@ def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
             for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
                 err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
             err.print("starting the Dagster code server, webserver and daemon ...")
-            services = DagsterServices(Path(root) / "dagster", port, _free_port())
+            services = DagsterServices(Path(root) / "dagster", port)
             with services:
                 err.print(
                     f"Dagster UI on {services.url}, metrics on "
@@ -241,14 +241,6 @@ def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
             raise ClickstreamError(f"a Dagster process exited with status {status}")
     except KeyboardInterrupt:
         err.print("stopped")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _write_dev_sample(bucket: str) -> None:

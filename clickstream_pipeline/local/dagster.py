@@ -8,12 +8,16 @@ started, whichever signal asked.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 import yaml
@@ -26,19 +30,61 @@ MODULE = "clickstream_pipeline.definitions"
 _STARTUP_SECONDS = 180
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def graphql(url: str, query: str, timeout: float = 60) -> Any:
+    """The ``data`` of a GraphQL query to the webserver at ``url`` (OSError while it is down)."""
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())["data"]
+
+
 class DagsterServices:
     """The code server, webserver and daemon for this code location, under ``root``."""
 
-    def __init__(self, root: str | Path, port: int, grpc_port: int, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        root: str | Path,
+        port: int | None = None,
+        grpc_port: int | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.root = Path(root)
-        self.port = port
-        self.grpc_port = grpc_port
         self.host = host
+        self.port = port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
         self._processes: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def graphql(self, query: str) -> Any:
+        return graphql(self.url, query)
+
+    def asset_keys(self) -> set[str]:
+        """Every asset the webserver serves, as ``a/b/c``."""
+        nodes = self.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
+        return {"/".join(node["assetKey"]["path"]) for node in nodes}
+
+    def sensor_ticked(self, sensor: str) -> bool:
+        """Whether ``sensor`` has completed a tick (skipped or requesting)."""
+        data = self.graphql(
+            "{ sensorOrError(sensorSelector: {repositoryLocationName: "
+            f'"{DEFAULT_LOCATION}", repositoryName: "__repository__", sensorName: "{sensor}"}})'
+            " { ... on Sensor { sensorState { ticks(limit: 5) { status } } } } }"
+        )
+        ticks = data["sensorOrError"].get("sensorState", {}).get("ticks", [])
+        return any(tick["status"] in ("SKIPPED", "SUCCESS") for tick in ticks)
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,20 @@ _LOCAL_AWS_ENV = {
 }
 
 
+# Every variable the stack sets, in the order `clickstream stack` prints them.
+ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "CLICKSTREAM_BUCKET",
+    "CLICKSTREAM_WAREHOUSE_URL",
+    "CLICKSTREAM_REGISTRY",
+    "DAGSTER_HOME",
+    *DAGSTER_ENV,
+)
+
+
 class LocalStack:
     """An embedded PostgreSQL with data under ``root/pg`` and a local S3 server with a bucket.
 
