@@ -8,7 +8,7 @@ import dagster as dg
 
 from clickstream_pipeline.config import Settings
 from clickstream_pipeline.loader import RawStore
-from clickstream_pipeline.registry import Registry, registry_backend
+from clickstream_pipeline.registry import Registry, load_registry
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 from clickstream_pipeline.warehouse.base import Warehouse
@@ -43,8 +43,9 @@ class RegistryResource(dg.ConfigurableResource):
 
     location: str | None = None
 
-    def load(self) -> Registry:
-        return registry_backend(self.location or Settings.from_env().registry).load()
+    def load(self, missing_ok: bool = False) -> Registry:
+        """The registry now; with ``missing_ok``, one that does not exist yet is empty."""
+        return load_registry(self.location or Settings.from_env().registry, missing_ok)
 
 
 class DiscoveryResource(dg.ConfigurableResource):

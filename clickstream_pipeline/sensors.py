@@ -25,7 +25,7 @@ from clickstream_pipeline.resources import (
     S3StorageResource,
     WarehouseResource,
 )
-from clickstream_pipeline.webserver import DagsterWebserverResource
+from clickstream_pipeline.webserver import DEFAULT_LOCATION, DagsterWebserverResource
 
 # A reload asked for and not yet seen (the webserver may be slow to start the new code server)
 # is asked for again after this long.
@@ -80,7 +80,7 @@ def build_registry_sync_sensor(
 
         An unreadable or invalid registry fails the tick in one line and changes nothing: the
         location keeps serving the tables it has."""
-        change = RegistryChange.between(loaded, registry.load().streams)
+        change = RegistryChange.between(loaded, registry.load(missing_ok=True).streams)
         if not change:
             return dg.SensorResult(
                 skip_reason=f"the code location has every registered table ({len(loaded)})"
@@ -93,7 +93,7 @@ def build_registry_sync_sensor(
             return dg.SensorResult(
                 skip_reason=f"registry {change.describe()}: reload already requested"
             )
-        webserver.request_reload(location or webserver.location or "clickstream_pipeline")
+        webserver.request_reload(location or DEFAULT_LOCATION)
         context.log.info(f"registry {change.describe()}: reloading the code location")
         return dg.SensorResult(
             skip_reason=f"registry {change.describe()}: reloading the code location",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,39 @@ def test_grace_period_holds_back_recent_hours(
     result = build_s3_discovery_sensor((stream,))(context)
     assert isinstance(result, dg.SensorResult)
     assert partitions_of(result) == ([load_keys((stream, H2))] if grace_minutes == 0 else [])
+
+
+def test_registry_sync_asks_once_for_the_same_change_then_again_later(
+    pipeline: dict[str, str], registry_path: Path, instance: dg.DagsterInstance, customer: str
+) -> None:
+    loaded = (Stream(customer, "page_view"),)
+    register(registry_path, Stream(customer, "signup"))
+    change = json.dumps([[f"{customer}.signup"], [f"{customer}.page_view"]])
+    sensor = build_registry_sync_sensor(loaded, "clickstream_pipeline")
+
+    def tick(asked_at: float) -> dg.SensorResult:
+        cursor = json.dumps({"change": change, "at": asked_at})
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources())
+        result = sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        return result
+
+    # Asked a minute ago: the reload is under way, the webserver is not asked again.
+    recent = tick(time.time() - 60)
+    assert recent.skip_reason == dg.SkipReason(
+        f"registry added {customer}.signup; removed {customer}.page_view: reload already requested"
+    )
+    # Asked three minutes ago and still not reloaded: asked again (here, no webserver answers).
+    with pytest.raises(ClickstreamError, match="cannot reach the Dagster webserver"):
+        tick(time.time() - 180)
+
+
+def test_registry_sync_takes_a_missing_registry_as_empty(
+    pipeline: dict[str, str], registry_path: Path, instance: dg.DagsterInstance
+) -> None:
+    context = dg.build_sensor_context(instance=instance, resources=resources())
+
+    result = build_registry_sync_sensor((), "clickstream_pipeline")(context)
+
+    assert isinstance(result, dg.SensorResult)
+    assert result.skip_reason == dg.SkipReason("the code location has every registered table (0)")
