@@ -97,11 +97,13 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
             rows.append((label, "<= 5 s", f"{seconds:.2f} s", seconds <= 5))
             rows.append((f"{label}: webserver peak RSS", "<= 500 MB", f"{rss:.0f} MB", rss <= 500))
             iteration = backfill["daemon_iteration_seconds"]
+            submission = backfill.get("run_submission_iteration_seconds")
             rows.append(
                 (
                     "backfill daemon iteration over it",
                     "<= 2 s",
-                    f"{iteration:.2f} s ({backfill['runs']} run)",
+                    f"{iteration:.2f} s"
+                    + (f" (the one submitting its run: {submission:.1f} s)" if submission else ""),
                     iteration <= 2,
                 )
             )

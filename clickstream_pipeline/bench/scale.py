@@ -284,16 +284,26 @@ def _deployment(root: Path, registry: Path) -> dict[str, Any]:
 
     services = DagsterServices(root / "dagster")
     os.environ["CLICKSTREAM_DAGSTER_URL"] = services.url
+    # A quiet deployment: its discovery sensor finds no files (an empty raw prefix), so the
+    # daemon is not busy loading the bench's history while the reload is timed.
+    raw_prefix = os.environ.get("CLICKSTREAM_RAW_PREFIX")
+    os.environ["CLICKSTREAM_RAW_PREFIX"] = "bench-empty"
     began = time.perf_counter()
-    with services:
-        assets = len(_poll(services.asset_keys, timeout=600))
-        served = time.perf_counter() - began
-        added = Stream("bench_added", "checkout")
-        with YamlFileRegistry(registry).edit() as edit:
-            edit.registry = edit.registry.with_streams([added])
-        changed = time.perf_counter()
-        _poll(lambda: "bench_added/checkout" in services.asset_keys(), timeout=600)
-        appeared = time.perf_counter() - changed
+    try:
+        with services:
+            assets = len(_poll(services.asset_keys, timeout=600))
+            served = time.perf_counter() - began
+            added = Stream("bench_added", "checkout")
+            with YamlFileRegistry(registry).edit() as edit:
+                edit.registry = edit.registry.with_streams([added])
+            changed = time.perf_counter()
+            _poll(lambda: services.has_asset(["bench_added", "checkout"]), timeout=600)
+            appeared = time.perf_counter() - changed
+    finally:
+        if raw_prefix is None:
+            os.environ.pop("CLICKSTREAM_RAW_PREFIX", None)
+        else:
+            os.environ["CLICKSTREAM_RAW_PREFIX"] = raw_prefix
     return {
         "assets": assets,
         "location_served_seconds": round(served, 1),
@@ -439,15 +449,20 @@ def child_backfill(home: str, hours_json: str) -> dict[str, Any]:
         launched = response.data["launchPartitionBackfill"]
         if launched["__typename"] != "LaunchBackfillSuccess":
             raise RuntimeError(str(launched))
-        began = time.perf_counter()
-        list(execute_backfill_iteration(context.process_context, logging.getLogger("backfill")))
-        iteration = round(time.perf_counter() - began, 3)
+        iterations = []
+        # The first iteration submits the backfill's run; the next ones check on it, as the
+        # daemon does every few seconds until the run ends.
+        for _ in range(3):
+            began = time.perf_counter()
+            list(execute_backfill_iteration(context.process_context, logging.getLogger("backfill")))
+            iterations.append(round(time.perf_counter() - began, 3))
         runs = context.process_context.instance.get_runs_count()
     return {
         "partitions": len(tables) * len(hours),
         "tables": len(tables),
         "seconds": launch_seconds,
-        "daemon_iteration_seconds": iteration,
+        "run_submission_iteration_seconds": iterations[0],
+        "daemon_iteration_seconds": max(iterations[1:]),
         "runs": runs,
     }
 

@@ -76,6 +76,12 @@ class DagsterServices:
         nodes = self.graphql("{ assetNodes { assetKey { path } } }")["assetNodes"]
         return {"/".join(node["assetKey"]["path"]) for node in nodes}
 
+    def has_asset(self, path: list[str]) -> bool:
+        """Whether the webserver serves the asset ``path``."""
+        key = json.dumps(path)
+        data = self.graphql(f"{{ assetNodeOrError(assetKey: {{path: {key}}}) {{ __typename }} }}")
+        return bool(data["assetNodeOrError"]["__typename"] == "AssetNode")
+
     def sensor_ticked(self, sensor: str) -> bool:
         """Whether ``sensor`` has completed a tick (skipped or requesting)."""
         data = self.graphql(
