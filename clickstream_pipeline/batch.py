@@ -172,11 +172,16 @@ def report_load(
     partition = hour_key(outcome.hour)
     if report_raw:
         context.log_event(raw_materialization(outcome.stream, outcome.hour, outcome.files))
-    rows, columns = table_facts(target, outcome.stream, schema=bool(outcome.new_columns))
     metadata = load_metadata(outcome)
-    metadata["dagster/row_count"] = rows
-    if columns:
-        metadata["dagster/column_schema"] = column_schema(columns)
+    try:
+        rows, columns = table_facts(target, outcome.stream, schema=bool(outcome.new_columns))
+    except TRANSIENT_ERRORS as error:
+        # The load is committed: a table fact that cannot be read now must not fail its report.
+        context.log.warning(f"{outcome.stream.key}: no row count or schema: {first_line(error)}")
+    else:
+        metadata["dagster/row_count"] = rows
+        if columns:
+            metadata["dagster/column_schema"] = column_schema(columns)
     context.log_event(
         dg.AssetMaterialization(
             asset_key=table_asset_key(outcome.stream), partition=partition, metadata=metadata
