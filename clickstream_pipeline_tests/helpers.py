@@ -131,6 +131,29 @@ def run_cli(
     )
 
 
+def materialize_tables(
+    select: str, *partitions: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``dagster asset materialize`` of the code location, as a user runs it: ``select`` (e.g.
+    ``group:acme``), then ``--partition KEY`` or ``--partition-range A...B``."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "asset",
+            "materialize",
+            "-m",
+            "clickstream_pipeline.definitions",
+            "--select",
+            select,
+            *partitions,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def defs_for(*streams: Stream) -> dg.Definitions:
     """The code location's definitions for a registry of ``streams``."""
     return build_defs(Registry().with_streams(streams))

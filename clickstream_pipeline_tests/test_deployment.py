@@ -5,9 +5,6 @@ location without a restart; a run in flight survives the removal of its table.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +22,7 @@ from clickstream_pipeline.webserver import launch_backfill
 from clickstream_pipeline_tests.helpers import (
     attempt,
     deployment,
+    materialize_tables,
     message_ids,
     put_file,
     recent_hour,
@@ -101,22 +99,10 @@ def test_backfills_reloads_and_removals_in_a_running_deployment(
         # 2. The same from the `dagster` CLI, for the customer's group over three more hours.
         more = [OLD - timedelta(hours=n) for n in (3, 2, 1)]
         expected_more = write_hours(bucket, streams, more)
-        cli = subprocess.run(
-            [
-                str(Path(sys.executable).parent / "dagster"),
-                "asset",
-                "materialize",
-                "-m",
-                "clickstream_pipeline.definitions",
-                "--select",
-                f"group:{customer}",
-                "--partition-range",
-                f"{hour_key(more[0])}...{hour_key(more[-1])}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=os.environ.copy(),
+        cli = materialize_tables(
+            f"group:{customer}",
+            "--partition-range",
+            f"{hour_key(more[0])}...{hour_key(more[-1])}",
         )
         assert cli.returncode == 0, cli.stderr[-2000:]
         for stream in streams:

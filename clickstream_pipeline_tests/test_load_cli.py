@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse.postgres import PostgresWarehouse
 from clickstream_pipeline_tests.helpers import (
+    materialize_tables,
     message_ids,
     new_database,
     outside_env,
@@ -114,22 +114,8 @@ def test_dagster_asset_materialize_loads_a_customers_tables(
     home.mkdir()
     partition = hour_key(H1) if hours == "--partition" else f"{hour_key(H1)}...{hour_key(H2)}"
 
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "dagster"),
-            "asset",
-            "materialize",
-            "-m",
-            "clickstream_pipeline.definitions",
-            "--select",
-            f"group:{customer}",
-            hours,
-            partition,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **pipeline, "DAGSTER_HOME": str(home)},
+    result = materialize_tables(
+        f"group:{customer}", hours, partition, env={**pipeline, "DAGSTER_HOME": str(home)}
     )
 
     assert result.returncode == 0, result.stderr[-2000:]

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -57,6 +57,25 @@ def stack_process(root: Path) -> Iterator[StackProcess]:
     finally:
         process.terminate()
         process.wait(60)
+
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float, every: float = 0.5) -> T:
+    """``check()``'s first true value, asked every ``every`` seconds; an OSError (a server not
+    up yet) counts as not yet. TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done within {timeout:.0f} s")
+        time.sleep(every)
 
 
 def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,6 +21,7 @@ import psycopg2
 
 from clickstream_pipeline.bench.common import (
     dagster_home_on_postgres,
+    poll,
     run_measured,
     stack_process,
 )
@@ -141,7 +142,7 @@ def _through_backfill(
     assert spec.start is not None
     partitions = len(spec.streams)
     with services:
-        _wait(lambda: _attempt(lambda: services.sensor_ticked("s3_discovery_sensor")), 600)
+        poll(lambda: services.sensor_ticked("s3_discovery_sensor"), timeout=600, every=1)
         _write_hour(env, spec, registry)
         cpu = _machine_cpu()
         began = time.perf_counter()
@@ -166,21 +167,6 @@ def _through_backfill(
         "partitions_per_minute": round(loaded / wall * 60),
         "note": "launch to the last (table, hour) in the ledger: one run of the tables' asset",
     }
-
-
-def _attempt(check: Callable[[], bool]) -> bool:
-    try:
-        return check()
-    except OSError:  # the webserver is not up yet
-        return False
-
-
-def _wait(check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not done within {timeout:.0f} s")
-        time.sleep(1)
 
 
 def _through_daemon(

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from clickstream_pipeline.bench.common import (
     StackProcess,
     dagster_home_on_postgres,
+    poll,
     run_measured,
     stack_process,
 )
@@ -295,13 +296,13 @@ def _deployment(root: Path, registry: Path) -> dict[str, Any]:
     began = time.perf_counter()
     try:
         with services:
-            assets = len(_poll(services.asset_keys, timeout=600))
+            assets = len(poll(services.asset_keys, timeout=600))
             served = time.perf_counter() - began
             added = Stream("bench_added", "checkout")
             with YamlFileRegistry(registry).edit() as edit:
                 edit.registry = edit.registry.with_streams([added])
             changed = time.perf_counter()
-            _poll(lambda: services.has_asset(["bench_added", "checkout"]), timeout=600)
+            poll(lambda: services.has_asset(["bench_added", "checkout"]), timeout=600)
             appeared = time.perf_counter() - changed
     finally:
         for name, value in saved.items():
@@ -327,20 +328,6 @@ def _idle_load(root: Path, streams: Sequence[Any], env: dict[str, str]) -> dict[
     run_measured(command, child)
     idle = run_measured(command, child)
     return {"streams": len(streams), "seconds": round(idle.wall_seconds, 2)}
-
-
-def _poll(check: Callable[[], T], timeout: float) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not done within {timeout:.0f} s")
-        time.sleep(0.5)
 
 
 # --- child processes ------------------------------------------------------------------------
