@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -180,6 +181,18 @@ class PipelineCollector(Collector):
     def __init__(self, warehouse: Callable[[], Warehouse], clock: Callable[[], float] = time.time):
         self._warehouse = warehouse
         self._clock = clock
+        # One Dagster instance for the collector's life, as the daemon and the webserver keep
+        # theirs: its storage's connections stay open between scrapes.
+        self._dagster: dg.DagsterInstance | None = None
+        self._dagster_lock = threading.Lock()
+
+    def _dagster_instance(self) -> dg.DagsterInstance:
+        import dagster as dg
+
+        with self._dagster_lock:
+            if self._dagster is None:
+                self._dagster = dg.DagsterInstance.get()
+            return self._dagster
 
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
@@ -245,7 +258,6 @@ class PipelineCollector(Collector):
 
     def _instance(self, now: float, streams: list[str]) -> Iterator[Metric]:
         """Everything the Dagster instance (DAGSTER_HOME) knows."""
-        import dagster as dg
 
         heartbeat = GaugeMetricFamily(
             "clickstream_daemon_heartbeat_age_seconds",
@@ -269,16 +281,16 @@ class PipelineCollector(Collector):
             labels=["stream"],
         )
         ours = set(SENSORS)
-        with dg.DagsterInstance.get() as instance:
-            for kind, beat in instance.get_daemon_heartbeats().items():
-                heartbeat.add_metric([kind], max(0.0, now - beat.timestamp))
-            states = [s for s in instance.all_instigator_state() if s.instigator_name in ours]
-            ticks = instance.get_batch_ticks([s.selector_id for s in states], limit=1)
-            for state in sorted(states, key=lambda s: s.instigator_name):
-                latest = ticks.get(state.selector_id, ())
-                if latest:
-                    tick.add_metric([state.instigator_name], max(0.0, now - latest[0].timestamp))
-            pending, failed = partition_states(instance, datetime.fromtimestamp(now, UTC))
+        instance = self._dagster_instance()
+        for kind, beat in instance.get_daemon_heartbeats().items():
+            heartbeat.add_metric([kind], max(0.0, now - beat.timestamp))
+        states = [s for s in instance.all_instigator_state() if s.instigator_name in ours]
+        ticks = instance.get_batch_ticks([s.selector_id for s in states], limit=1)
+        for state in sorted(states, key=lambda s: s.instigator_name):
+            latest = ticks.get(state.selector_id, ())
+            if latest:
+                tick.add_metric([state.instigator_name], max(0.0, now - latest[0].timestamp))
+        pending, failed = partition_states(instance, datetime.fromtimestamp(now, UTC))
         for stream in sorted(set(streams) | set(pending) | set(failed)):
             pending_family.add_metric([stream], pending[stream])
             failed_family.add_metric([stream], failed[stream])

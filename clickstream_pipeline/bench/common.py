@@ -81,7 +81,8 @@ def poll(check: Callable[[], T], timeout: float, every: float = 0.5) -> T:
 def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
     """A Dagster instance directory whose storage is database ``name`` on the warehouse's
     PostgreSQL server (created), as production keeps it (deploy/dagster.yaml): event writes and
-    partition queries are measured on the storage a deployment has, not on sqlite."""
+    partition queries are measured on the storage a deployment has (its connections held open,
+clickstream_pipeline/dagster_storage.py), not on sqlite."""
     import re
 
     import psycopg2
@@ -97,7 +98,8 @@ def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
     host = f"?host={socket.group(1)}" if socket else ""
     home = Path(tempfile.mkdtemp(dir=root))
     (home / "dagster.yaml").write_text(
-        "storage:\n  postgres:\n    postgres_url: "
+        "storage:\n  custom:\n    module: clickstream_pipeline.dagster_storage\n"
+        "    class: PooledPostgresStorage\n    config:\n      postgres_url: "
         f"postgresql+psycopg2://postgres:@/{name}{host}\n"
         "run_coordinator:\n  module: dagster._core.run_coordinator\n"
         "  class: QueuedRunCoordinator\n  config:\n    max_concurrent_runs: 2\n"
