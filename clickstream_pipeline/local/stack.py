@@ -1,4 +1,5 @@
-"""Start and stop an embedded PostgreSQL (pgserver) and a local S3 server (moto) on 127.0.0.1.
+"""Start and stop an embedded PostgreSQL (pgserver) and a local S3 and Kinesis server (moto) on
+127.0.0.1, with a bucket and a stream.
 
 The same class backs ``clickstream demo``/``dev``/``stack`` and the session-scoped pytest
 fixture, so tests run against the servers users run.
@@ -20,10 +21,14 @@ from psycopg2 import sql
 
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.s3 import ensure_bucket, s3_client
+from clickstream_pipeline.vortex.kinesis import ensure_stream, kinesis_client
 
 DEFAULT_ROOT = Path(".clickstream")
 DEFAULT_BUCKET = "clickstream-local"
 DEFAULT_DATABASE = "clickstream"
+DEFAULT_STREAM = "clickstream-events"
+# The local stream's shards: enough that vortex's shard parallelism is exercised on a laptop.
+DEFAULT_SHARDS = 2
 
 # The local Dagster instance: runs retried once by the daemon, run monitoring on, no telemetry.
 # A run worker is a child of the code server the daemon starts, so losing the daemon's process
@@ -71,6 +76,7 @@ ENV_NAMES = (
     "CLICKSTREAM_BUCKET",
     "CLICKSTREAM_WAREHOUSE_URL",
     "CLICKSTREAM_REGISTRY",
+    "CLICKSTREAM_KINESIS_STREAM",
     "DAGSTER_HOME",
     *DAGSTER_ENV,
 )
@@ -88,6 +94,7 @@ class LocalStack:
         root: str | os.PathLike[str] = DEFAULT_ROOT,
         *,
         bucket: str = DEFAULT_BUCKET,
+        stream: str = DEFAULT_STREAM,
         database: str = DEFAULT_DATABASE,
         s3_port: int = 0,
         fresh: bool = False,
@@ -95,6 +102,7 @@ class LocalStack:
         self.root = Path(root).resolve()
         self.fresh = fresh
         self.bucket = bucket
+        self.stream = stream
         self.database = database
         self.s3_port = s3_port
         self.env: dict[str, str] = {}
@@ -122,6 +130,7 @@ class LocalStack:
             "CLICKSTREAM_BUCKET": self.bucket,
             "CLICKSTREAM_WAREHOUSE_URL": warehouse_url,
             "CLICKSTREAM_REGISTRY": str(self.root / "registry.yaml"),
+            "CLICKSTREAM_KINESIS_STREAM": self.stream,
             "DAGSTER_HOME": str(dagster_home),
             **DAGSTER_ENV,
         }
@@ -168,6 +177,7 @@ class LocalStack:
         endpoint = f"http://{host}:{port}"
         with _patched_env({**_LOCAL_AWS_ENV, "AWS_ENDPOINT_URL": endpoint}):
             ensure_bucket(s3_client(endpoint), self.bucket)
+            ensure_stream(kinesis_client(), self.stream, DEFAULT_SHARDS)
         return endpoint
 
     def stop(self) -> None:

@@ -1,0 +1,129 @@
+"""``clickstream vortex``: the microbatcher, Kinesis stream -> raw files in S3."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import click
+
+from clickstream_pipeline.cli.app import cli, err, out
+from clickstream_pipeline.config import Settings
+from clickstream_pipeline.errors import ClickstreamError
+
+
+def vortex_url(environ: dict[str, str] | None = None) -> str:
+    """Where leases and checkpoints live: CLICKSTREAM_VORTEX_URL, else the warehouse's URL (a
+    PostgreSQL one: a Redshift warehouse needs a PostgreSQL URL of its own here)."""
+    env = os.environ if environ is None else environ
+    url = env.get("CLICKSTREAM_VORTEX_URL") or env.get("CLICKSTREAM_WAREHOUSE_URL") or ""
+    if not url:
+        raise ClickstreamError(
+            "CLICKSTREAM_VORTEX_URL is not set (nor CLICKSTREAM_WAREHOUSE_URL): export a "
+            "postgresql:// URL for vortex's leases and checkpoints"
+        )
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ClickstreamError(
+            "vortex keeps its leases in PostgreSQL: set CLICKSTREAM_VORTEX_URL to a "
+            "postgresql:// URL (the warehouse URL is not one)"
+        )
+    return url
+
+
+@cli.command()
+@click.option(
+    "--stream",
+    envvar="CLICKSTREAM_KINESIS_STREAM",
+    required=True,
+    help="Kinesis stream to read [env: CLICKSTREAM_KINESIS_STREAM].",
+)
+@click.option(
+    "--until-idle",
+    type=click.FloatRange(min=0.5),
+    default=None,
+    metavar="SECONDS",
+    help="Exit 0 once the stream has been idle this long and every batch is written and "
+    "checkpointed (default: run until stopped).",
+)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(min=1),
+    default=16 * 1024 * 1024,
+    show_default=True,
+    help="Write a shard's batch once its records hold this many bytes.",
+)
+@click.option(
+    "--max-records",
+    type=click.IntRange(min=1),
+    default=50_000,
+    show_default=True,
+    help="... or this many records.",
+)
+@click.option(
+    "--max-delay",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="... or once its first record has waited this long (keep it under the loader's grace).",
+)
+@click.option(
+    "--lease-seconds",
+    type=click.FloatRange(min=3),
+    default=30.0,
+    show_default=True,
+    help="A worker's shard lease; a dead worker's shards are taken over after it expires.",
+)
+def vortex(
+    stream: str,
+    until_idle: float | None,
+    max_bytes: int,
+    max_records: int,
+    max_delay: float,
+    lease_seconds: float,
+) -> None:
+    """Read a Kinesis stream and write its records to S3 as raw files, exactly once.
+
+    Records go to raw/customer=/event=/date=/hour=/ by their customer, event and receivedAt;
+    records that cannot be routed go to errors/ with the reason. Several processes share the
+    stream's shards (leases and checkpoints in CLICKSTREAM_VORTEX_URL, default the warehouse's
+    PostgreSQL). SIGTERM or Ctrl-C writes what is batched, then exits.
+    """
+    from clickstream_pipeline.s3 import s3_client
+    from clickstream_pipeline.vortex import LeaseStore, Vortex, VortexConfig
+
+    settings = Settings.from_env()
+    config = VortexConfig(
+        stream=stream,
+        bucket=settings.require_bucket(),
+        raw_prefix=settings.raw_prefix,
+        max_bytes=max_bytes,
+        max_records=max_records,
+        max_delay_seconds=max_delay,
+        lease_seconds=lease_seconds,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    store = LeaseStore(vortex_url())
+    worker = Vortex(config, store, s3_client())
+    previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    err.print(
+        f"vortex {worker.owner}: reading {stream!r} into s3://{config.bucket}/{config.raw_prefix}/"
+        + (f" until idle for {until_idle:g} s" if until_idle else " (Ctrl-C stops)")
+    )
+    began = time.perf_counter()
+    try:
+        totals = worker.run(until_idle=until_idle)
+    except KeyboardInterrupt:
+        worker.stop()
+        totals = worker.totals
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        store.close()
+    seconds = time.perf_counter() - began
+    out.print(
+        f"vortex: {totals.records_in:,} records read, {totals.records_out:,} written in "
+        f"{totals.files:,} files ({totals.bytes_out:,} bytes), {totals.duplicates:,} duplicates "
+        f"dropped, {totals.errors:,} to errors/ in {seconds:.1f} s"
+    )
