@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,8 @@ from clickstream_pipeline.vortex.kinesis import ensure_stream, kinesis_client, p
 from clickstream_pipeline.vortex.leases import BatchCounts, ShardInfo
 from clickstream_pipeline.vortex.routing import Routed, Unroutable, route
 from clickstream_pipeline_tests.conftest import list_keys
-from clickstream_pipeline_tests.helpers import message_ids, recent_hour, run_cli
+from clickstream_pipeline_tests.helpers import message_ids, recent_hour, run_cli, wait_for
+from clickstream_pipeline_tests.moto_kinesis import fix_moto_resharding
 
 NOW = datetime(2026, 11, 26, 13, 30, tzinfo=UTC)
 
@@ -292,3 +299,244 @@ def test_a_run_writes_exact_files_and_loads_exact_rows(
     url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
     assert len(message_ids(url, Stream(customer, "page_viewed"))) == 50
     assert len(message_ids(url, Stream(customer, "add_to_cart"))) == 10
+
+
+# -- crashes, takeovers, resharding and Kinesis faults ----------------------------------------
+
+
+def start_vortex(
+    stream: str, env: dict[str, str], log: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """``clickstream vortex`` in a process group of its own, as a user runs it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "clickstream_pipeline.cli", "vortex", "--stream", stream, *args],
+        env={**os.environ, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def kill(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def valid_records(
+    customer: str, count: int, hour: datetime, prefix: str = "m"
+) -> list[dict[str, Any]]:
+    return [
+        track(customer, "Page Viewed", f"{prefix}{i}", hour + timedelta(seconds=i))
+        for i in range(count)
+    ]
+
+
+def written_ids(bucket: str) -> list[str]:
+    """Every messageId in the raw files, with repeats."""
+    return [line["messageId"] for key in list_keys(bucket, "raw/") for line in lines(bucket, key)]
+
+
+@pytest.fixture
+def commits_held(local_stack: dict[str, str], stream: str) -> Iterator[None]:
+    """Checkpoint commits of ``stream`` wait in the database (a trigger sleeps), so a worker can
+    be killed after its upload and before its checkpoint."""
+    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+    LeaseStore(url).ensure_schema()
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE OR REPLACE FUNCTION clickstream.hold_commit() RETURNS trigger AS $$ BEGIN "
+            "PERFORM pg_sleep(300); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        cur.execute(
+            f"CREATE TRIGGER hold_{stream} BEFORE UPDATE ON clickstream.vortex_shards FOR EACH ROW "
+            f"WHEN (NEW.stream = '{stream}' AND NEW.checkpoint IS DISTINCT FROM OLD.checkpoint) "
+            "EXECUTE FUNCTION clickstream.hold_commit()"
+        )
+    try:
+        yield
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TRIGGER IF EXISTS hold_{stream} ON clickstream.vortex_shards")
+            cur.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE "
+                "'%%vortex_shards%%' AND state = 'active' AND pid <> pg_backend_pid()"
+            )
+        conn.close()
+
+
+def test_killed_between_upload_and_checkpoint_a_restart_rewrites_the_same_objects(
+    pipeline: dict[str, str], stream: str, customer: str, commits_held: None, tmp_path: Path
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records = valid_records(customer, 40, recent_hour(2)) + valid_records(
+        customer, 40, recent_hour(1), "n"
+    )
+    put_records(kinesis_client(), stream, encoded(*records))
+    process = start_vortex(
+        stream, pipeline, tmp_path / "vortex.log", "--lease-seconds", "3", "--max-delay", "1"
+    )
+    try:
+
+        def uploaded() -> dict[str, str] | None:
+            planned = [r["planned_keys"] for r in shard_rows(stream) if r["planned_keys"]]
+            keys = {k for plan in planned for k in plan}
+            found = objects(bucket, "raw/")
+            return found if len(planned) == 2 and keys and keys == set(found) else None
+
+        before = wait_for(uploaded, "both shards' batches uploaded, commits waiting", 60)
+    finally:
+        kill(process)
+    assert all(r["checkpoint"] is None for r in shard_rows(stream))  # nothing committed
+
+    # The commits that were waiting die with their worker (the server would otherwise finish
+    # them once the trigger's sleep ends); a new worker takes the shards over once the leases
+    # expire and replays each planned batch.
+    with psycopg2.connect(pipeline["CLICKSTREAM_WAREHOUSE_URL"]) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'clickstream-vortex' AND query LIKE %s",
+            (f"%{stream}%",),
+        )
+        assert cur.fetchone() == (
+            1,
+        )  # one connection per worker: the other commit queued behind it
+        cur.execute(f"DROP TRIGGER hold_{stream} ON clickstream.vortex_shards")
+    conn.close()
+    worker = run_vortex(stream, bucket)
+
+    assert objects(bucket, "raw/") == before  # the same keys, the same bytes (ETags)
+    assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)
+    assert worker.totals.records_in == 80
+    rows = shard_rows(stream)
+    assert all(r["checkpoint"] is not None and r["planned_last"] is None for r in rows)
+    assert [r["lease_counter"] for r in rows] == [2, 2]  # each shard was taken over once
+
+
+def test_two_workers_share_the_shards_and_one_takes_over_when_the_other_dies(
+    pipeline: dict[str, str], customer: str, tmp_path: Path
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    stream = f"s{uuid.uuid4().hex[:10]}"
+    ensure_stream(kinesis_client(), stream, 4)
+    hour = recent_hour(1)
+    first = valid_records(customer, 200, hour)
+    put_records(kinesis_client(), stream, encoded(*first))
+    args = ("--lease-seconds", "3", "--max-delay", "0.5")
+    a = start_vortex(stream, pipeline, tmp_path / "a.log", *args)
+    b = start_vortex(stream, pipeline, tmp_path / "b.log", *args)
+    try:
+
+        def shared() -> list[str] | None:
+            owners = sorted(r["owner"] or "" for r in shard_rows(stream))
+            return owners if len(set(owners)) == 2 and "" not in owners else None
+
+        owners = wait_for(shared, "the two workers holding two shards each", 60)
+        assert owners.count(owners[0]) == 2
+        wait_for(lambda: len(written_ids(bucket)) == 200, "the first records written", 60)
+        kill(a)
+        second = valid_records(customer, 200, hour, "late")
+        put_records(kinesis_client(), stream, encoded(*second))
+
+        def taken_over() -> bool:
+            rows = shard_rows(stream)
+            return len({r["owner"] for r in rows}) == 1 and len(written_ids(bucket)) == 400
+
+        wait_for(taken_over, "the survivor holding all four shards, every record written", 90)
+    finally:
+        kill(a) if a.poll() is None else None
+        b.send_signal(signal.SIGTERM)
+        b.wait(60)
+    assert b.returncode == 0
+    assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in first + second)
+
+
+def test_a_split_and_a_merge_mid_stream_lose_and_double_nothing(
+    pipeline: dict[str, str], customer: str, registry_path: Path
+) -> None:
+    fix_moto_resharding()
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    stream = f"s{uuid.uuid4().hex[:10]}"
+    kinesis = kinesis_client()
+    ensure_stream(kinesis, stream, 2)
+    hour = recent_hour(1)
+    worker = Vortex(
+        config(stream, bucket, max_delay_seconds=0.5, lease_seconds=3.0),
+        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+        s3_client(),
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        put_records(kinesis, stream, encoded(*valid_records(customer, 100, hour, "a")))
+        shards = [s["ShardId"] for s in kinesis.list_shards(StreamName=stream)["Shards"]]
+        kinesis.split_shard(
+            StreamName=stream, ShardToSplit=shards[0], NewStartingHashKey=str(2**126)
+        )
+        put_records(kinesis, stream, encoded(*valid_records(customer, 100, hour, "b")))
+        open_shards = [  # by hash range: the first two are adjacent
+            s["ShardId"]
+            for s in sorted(
+                kinesis.list_shards(StreamName=stream)["Shards"],
+                key=lambda s: int(s["HashKeyRange"]["StartingHashKey"]),
+            )
+            if "EndingSequenceNumber" not in s["SequenceNumberRange"]
+        ]
+        kinesis.merge_shards(
+            StreamName=stream, ShardToMerge=open_shards[0], AdjacentShardToMerge=open_shards[1]
+        )
+        put_records(kinesis, stream, encoded(*valid_records(customer, 100, hour, "c")))
+        wait_for(lambda: len(written_ids(bucket)) >= 300, "every record written", 90)
+        time.sleep(2)  # nothing more may come: no record is written twice
+    finally:
+        worker.stop()
+        thread.join(60)
+    ids = written_ids(bucket)
+    assert len(ids) == len(set(ids)) == 300
+    rows = {r["shard_id"]: r for r in shard_rows(stream)}
+    assert len(rows) == 5  # 2 + 2 children of the split + 1 child of the merge
+    assert sum(r["records_in"] for r in rows.values()) == 300
+    assert sum(r["finished"] for r in rows.values()) == 3  # the closed parents, read to the end
+
+    YamlFileRegistry(registry_path).save(Registry().with_streams([Stream(customer, "page_viewed")]))
+    loaded = run_cli("load", "--grace-minutes", "0", env=pipeline)
+    assert loaded.returncode == 0, loaded.stderr
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    assert len(message_ids(url, Stream(customer, "page_viewed"))) == 300
+
+
+def test_expired_iterators_and_throttling_are_waited_out(
+    pipeline: dict[str, str], stream: str, customer: str
+) -> None:
+    """moto never expires an iterator nor throttles: Kinesis's answers are injected at the
+    client, before the request is sent."""
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records = valid_records(customer, 50, recent_hour(1))
+    put_records(kinesis_client(), stream, encoded(*records))
+    kinesis = kinesis_client()
+    faults = iter(["ExpiredIteratorException", "ProvisionedThroughputExceededException"] * 3)
+    injected: list[str] = []
+
+    def fault(**_: Any) -> tuple[Any, dict[str, Any]] | None:
+        code = next(faults, None)
+        if code is None:
+            return None
+        injected.append(code)
+        error = {
+            "Error": {"Code": code, "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        }
+        return (None, error)
+
+    kinesis.meta.events.register("before-call.kinesis.GetRecords", fault)
+    worker = Vortex(
+        config(stream, bucket),
+        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+        s3_client(),
+        kinesis,
+    )
+    worker.run(until_idle=1.5)
+    assert len(injected) == 6
+    assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)
+    assert worker.totals.records_in == 50

@@ -44,8 +44,8 @@ def vortex_url(environ: dict[str, str] | None = None) -> str:
     type=click.FloatRange(min=0.5),
     default=None,
     metavar="SECONDS",
-    help="Exit 0 once the stream has been idle this long and every batch is written and "
-    "checkpointed (default: run until stopped).",
+    help="Exit 0 once this worker holds every shard, the stream has been idle this long, and "
+    "every batch is written and checkpointed: drain the stream (default: run until stopped).",
 )
 @click.option(
     "--max-bytes",
@@ -105,6 +105,7 @@ def vortex(
         lease_seconds=lease_seconds,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     store = LeaseStore(vortex_url())
     worker = Vortex(config, store, s3_client())
     previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop())

@@ -213,14 +213,14 @@ class ShardReader(threading.Thread):
 
     def _add(self, record: StreamRecord) -> None:
         if self._replay_last is not None:
-            if int(record.sequence) > self._replay_last:
+            self.batch.add(record)
+            if int(record.sequence) >= self._replay_last:
                 self._flush()  # the planned batch is complete: write exactly it
-        elif self.batch and hour_floor(record.arrival) != self.batch.arrival_hour:
+            return
+        if self.batch and hour_floor(record.arrival) != self.batch.arrival_hour:
             self._flush()
         self.batch.add(record)
-        if self._replay_last is None and (
-            self.batch.bytes >= self.config.max_bytes or len(self.batch) >= self.config.max_records
-        ):
+        if self.batch.bytes >= self.config.max_bytes or len(self.batch) >= self.config.max_records:
             self._flush()
 
     def _flush(self) -> None:
@@ -376,11 +376,13 @@ class Vortex:
             reader.start()
 
     def _idle_for(self, seconds: float) -> bool:
-        """Every held shard idle ``seconds`` with nothing batched, and no free shard left."""
+        """Every shard idle ``seconds`` with nothing batched, held by this worker: a stream
+        drained by one worker (shards another worker holds may still have batches in flight,
+        and a dead worker's shards are taken over when their leases expire)."""
         now = time.monotonic()
         for reader in self.readers.values():
             if reader.finished or not reader.is_alive():
                 continue
             if reader.batch or now - reader.last_records_at < seconds:
                 return False
-        return self.store.free_shards(self.config.stream) == 0
+        return self.store.unread_elsewhere(self.config.stream, self.owner) == 0

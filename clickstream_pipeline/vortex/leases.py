@@ -215,13 +215,13 @@ class LeaseStore:
             readable = int(cur.fetchone()["n"])
         return -(-readable // max(workers, 1))
 
-    def free_shards(self, stream: str) -> int:
-        """Readable shards no live worker holds."""
+    def unread_elsewhere(self, stream: str, owner: str) -> int:
+        """Readable shards this worker does not hold (free, or held by another worker)."""
         with self._cursor() as cur:
             cur.execute(
                 f"SELECT count(*) AS n FROM {SCHEMA}.vortex_shards s WHERE s.stream = %s"
-                " AND (s.owner IS NULL OR s.lease_expires < now()) AND " + _READABLE,
-                (stream,),
+                " AND s.owner IS DISTINCT FROM %s AND " + _READABLE,
+                (stream, owner),
             )
             return int(cur.fetchone()["n"])
 
