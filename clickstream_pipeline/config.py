@@ -22,6 +22,8 @@ class Settings:
     raw_prefix: str = DEFAULT_RAW_PREFIX
     registry: str = DEFAULT_REGISTRY
     warehouse_url: str | None = None
+    kinesis_stream: str | None = None
+    vortex_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -32,6 +34,10 @@ class Settings:
             raw_prefix=prefix,
             registry=env.get("CLICKSTREAM_REGISTRY") or DEFAULT_REGISTRY,
             warehouse_url=env.get("CLICKSTREAM_WAREHOUSE_URL") or None,
+            kinesis_stream=env.get("CLICKSTREAM_KINESIS_STREAM") or None,
+            vortex_url=(
+                env.get("CLICKSTREAM_VORTEX_URL") or env.get("CLICKSTREAM_WAREHOUSE_URL") or None
+            ),
         )
 
     def require_bucket(self) -> str:
@@ -49,6 +55,21 @@ class Settings:
                 "CLICKSTREAM_WAREHOUSE_URL is not set: export a postgresql:// or redshift:// URL"
             )
         return self.warehouse_url
+
+    def require_vortex_url(self) -> str:
+        """Where vortex keeps leases and checkpoints: CLICKSTREAM_VORTEX_URL, else the
+        warehouse's URL; a PostgreSQL one (a Redshift warehouse needs a URL of its own here)."""
+        if not self.vortex_url:
+            raise ClickstreamError(
+                "CLICKSTREAM_VORTEX_URL is not set (nor CLICKSTREAM_WAREHOUSE_URL): export a "
+                "postgresql:// URL for vortex's leases and checkpoints"
+            )
+        if not self.vortex_url.startswith(("postgresql://", "postgres://")):
+            raise ClickstreamError(
+                "vortex keeps its leases in PostgreSQL: set CLICKSTREAM_VORTEX_URL to a "
+                "postgresql:// URL"
+            )
+        return self.vortex_url
 
 
 def validate_bucket(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Health checks for on-call and Kubernetes probes: S3, the warehouse, the registry, the daemon."""
+"""Health checks for on-call and Kubernetes probes: S3, the warehouse, the registry, the daemon
+and, where a Kinesis stream is configured, vortex."""
 
 from __future__ import annotations
 
@@ -81,9 +82,52 @@ def check_daemon() -> Check:
     return _guarded("dagster daemon", probe)
 
 
+# Vortex further behind the stream's tip than the loader's grace period (5 minutes) means hours
+# are loaded before all their files are in S3: they load again as late files, but later.
+VORTEX_MAX_BEHIND_MS = 5 * 60 * 1000
+
+
+def check_vortex(settings: Settings) -> Check:
+    """Every unfinished shard of the stream held by a live worker, none too far behind."""
+
+    def probe() -> str:
+        from clickstream_pipeline.vortex import LeaseStore
+
+        stream = settings.kinesis_stream
+        store = LeaseStore(settings.require_vortex_url())
+        try:
+            shards = [s for s in store.shards(stream) if not s["finished"]]
+        finally:
+            store.close()
+        if not shards:
+            raise ClickstreamError(f"no vortex worker has read stream {stream!r} yet")
+        unheld = [s["shard_id"] for s in shards if not s["lease_live"]]
+        if unheld:
+            raise ClickstreamError(
+                f"{len(unheld)} of {len(shards)} shards held by no live worker: "
+                + ", ".join(unheld[:3])
+                + (" ..." if len(unheld) > 3 else "")
+            )
+        behind = max(s["millis_behind"] or 0 for s in shards)
+        if behind > VORTEX_MAX_BEHIND_MS:
+            raise ClickstreamError(
+                f"{behind / 1000:,.0f} s behind the stream (more than the loader's "
+                f"{VORTEX_MAX_BEHIND_MS / 60000:g}-minute grace)"
+            )
+        workers = len({s["owner"] for s in shards})
+        return (
+            f"{len(shards)} shards of {stream} read by {workers} "
+            f"worker{'s' if workers != 1 else ''}, at most {behind:,} ms behind"
+        )
+
+    return _guarded("vortex", probe)
+
+
 def run_checks(include_daemon: bool = True) -> list[Check]:
     settings = Settings.from_env()
     checks = [check_s3(settings), check_warehouse(settings), check_registry(settings)]
+    if settings.kinesis_stream:
+        checks.append(check_vortex(settings))
     if include_daemon:
         checks.append(check_daemon())
     return checks

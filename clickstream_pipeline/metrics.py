@@ -35,6 +35,7 @@ from clickstream_pipeline.warehouse.base import LOAD_SECONDS_BUCKETS, stream_tot
 if TYPE_CHECKING:
     import dagster as dg
 
+    from clickstream_pipeline.vortex import LeaseStore
     from clickstream_pipeline.warehouse.base import Warehouse
 
 # This module is imported by the S3 client (the request counter): Dagster is imported only
@@ -174,13 +175,40 @@ def partition_states(
     return pending, failed
 
 
+# Vortex's per-shard counters (clickstream.vortex_shards): column, series, help.
+VORTEX_COUNTERS = (
+    ("records_in", "clickstream_vortex_records_read", "Records vortex read from the stream."),
+    ("bytes_in", "clickstream_vortex_bytes_read", "Bytes of record data vortex read."),
+    ("records_out", "clickstream_vortex_records_written", "Records vortex wrote to raw files."),
+    ("bytes_out", "clickstream_vortex_bytes_written", "Bytes of files vortex wrote to S3."),
+    ("files", "clickstream_vortex_files_written", "Files vortex wrote (raw and errors/)."),
+    (
+        "duplicates",
+        "clickstream_vortex_duplicates_dropped",
+        "Records vortex did not write: their messageId came earlier in the batch.",
+    ),
+    ("errors", "clickstream_vortex_errors", "Records vortex could not route (to errors/)."),
+)
+
+
 class PipelineCollector(Collector):
     """Per-stream load totals, durations and lag from the ledger; pending and failed partitions,
-    sensor tick ages and daemon heartbeat ages from the Dagster instance."""
+    sensor tick ages and daemon heartbeat ages from the Dagster instance; with ``vortex_url``,
+    vortex's per-shard counters, lag and leases."""
 
-    def __init__(self, warehouse: Callable[[], Warehouse], clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        warehouse: Callable[[], Warehouse],
+        clock: Callable[[], float] = time.time,
+        vortex_url: str | None = None,
+    ):
         self._warehouse = warehouse
         self._clock = clock
+        self._vortex: LeaseStore | None = None
+        if vortex_url is not None:
+            from clickstream_pipeline.vortex import LeaseStore
+
+            self._vortex = LeaseStore(vortex_url)
         # One Dagster instance for the collector's life, as the daemon and the webserver keep
         # theirs: its storage's connections stay open between scrapes.
         self._dagster: dg.DagsterInstance | None = None
@@ -253,8 +281,41 @@ class PipelineCollector(Collector):
         yield from families.values()
         yield duration
         yield lag
+        if self._vortex is not None:
+            yield from self._vortex_shards(self._vortex)
         if os.environ.get("DAGSTER_HOME"):
             yield from self._instance(now, [entry.stream for entry in totals])
+
+    def _vortex_shards(self, store: LeaseStore) -> Iterator[Metric]:
+        """Per shard: what vortex read and wrote, how far behind it is, whether a live worker
+        holds it (nothing when vortex has never run against this database)."""
+        labels = ["stream", "shard"]
+        counters = [
+            (column, CounterMetricFamily(name, text, labels=labels))
+            for column, name, text in VORTEX_COUNTERS
+        ]
+        behind = GaugeMetricFamily(
+            "clickstream_vortex_millis_behind_latest",
+            "How far the shard's reader is behind the stream's tip (Kinesis MillisBehindLatest).",
+            labels=labels,
+        )
+        held = GaugeMetricFamily(
+            "clickstream_vortex_shard_held",
+            "1 while a live vortex worker holds the shard's lease; finished shards are left out.",
+            labels=labels,
+        )
+        for shard in store.shards():
+            key = [shard["stream"], shard["shard_id"]]
+            for column, family in counters:
+                family.add_metric(key, shard[column])
+            if not shard["finished"]:
+                held.add_metric(key, 1.0 if shard["lease_live"] else 0.0)
+                if shard["millis_behind"] is not None:
+                    behind.add_metric(key, shard["millis_behind"])
+        for _, family in counters:
+            yield family
+        yield behind
+        yield held
 
     def _instance(self, now: float, streams: list[str]) -> Iterator[Metric]:
         """Everything the Dagster instance (DAGSTER_HOME) knows."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,13 @@ from clickstream_pipeline.vortex.kinesis import ensure_stream, kinesis_client, p
 from clickstream_pipeline.vortex.leases import BatchCounts, ShardInfo
 from clickstream_pipeline.vortex.routing import Routed, Unroutable, route
 from clickstream_pipeline_tests.conftest import list_keys
-from clickstream_pipeline_tests.helpers import message_ids, recent_hour, run_cli, wait_for
+from clickstream_pipeline_tests.helpers import (
+    free_port,
+    message_ids,
+    recent_hour,
+    run_cli,
+    wait_for,
+)
 from clickstream_pipeline_tests.moto_kinesis import fix_moto_resharding
 
 NOW = datetime(2026, 11, 26, 13, 30, tzinfo=UTC)
@@ -540,3 +547,85 @@ def test_expired_iterators_and_throttling_are_waited_out(
     assert len(injected) == 6
     assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)
     assert worker.totals.records_in == 50
+
+
+# -- operations: metrics and health ----------------------------------------------------------
+
+
+def test_metrics_expose_each_shards_counters_lag_and_lease(
+    pipeline: dict[str, str], stream: str, customer: str, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records: list[dict[str, Any] | bytes] = [*valid_records(customer, 30, recent_hour(1))]
+    records += [records[0], b"{broken"]
+    put_records(kinesis_client(), stream, encoded(*records))
+    run_vortex(stream, bucket)
+    port = free_port()
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "clickstream_pipeline.cli", "metrics", "--port", str(port)],
+        env={**os.environ, **pipeline},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def scrape() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    return str(r.read().decode())
+            except OSError:
+                return None
+
+        text = wait_for(scrape, "the metrics endpoint", 60)
+    finally:
+        exporter.terminate()
+        exporter.wait(30)
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("stream") == stream:
+                samples[sample.name] = samples.get(sample.name, 0.0) + sample.value
+    assert {name: value for name, value in samples.items() if "vortex" in name} == {
+        "clickstream_vortex_records_read_total": 32.0,
+        "clickstream_vortex_bytes_read_total": float(sum(len(d) for d, _ in encoded(*records))),
+        "clickstream_vortex_records_written_total": 30.0,
+        "clickstream_vortex_bytes_written_total": samples["clickstream_vortex_bytes_written_total"],
+        "clickstream_vortex_files_written_total": float(
+            len(list_keys(bucket, "raw/")) + len(list_keys(bucket, "errors/"))
+        ),
+        "clickstream_vortex_duplicates_dropped_total": 1.0,
+        "clickstream_vortex_errors_total": 1.0,
+        "clickstream_vortex_millis_behind_latest": 0.0,
+        "clickstream_vortex_shard_held": 0.0,  # the worker left when the stream was drained
+    }
+    assert samples["clickstream_vortex_bytes_written_total"] == sum(
+        s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+        for key in list_keys(bucket, "raw/") + list_keys(bucket, "errors/")
+    )
+
+
+def test_health_says_whether_every_shard_is_being_read(
+    pipeline: dict[str, str], stream: str, tmp_path: Path
+) -> None:
+    env = {**pipeline, "CLICKSTREAM_KINESIS_STREAM": stream}
+
+    def vortex_line() -> str:
+        result = run_cli("health", "--no-daemon", env=env)
+        (line,) = [line for line in result.stdout.splitlines() if "vortex" in line]
+        return " ".join(line.replace("│", " ").split())
+
+    assert vortex_line() == f"vortex DOWN no vortex worker has read stream '{stream}' yet"
+    process = start_vortex(stream, pipeline, tmp_path / "vortex.log", "--lease-seconds", "6")
+    try:
+        wait_for(lambda: len([r for r in shard_rows(stream) if r["owner"]]) == 2, "shards held", 60)
+        assert (
+            vortex_line() == f"vortex up 2 shards of {stream} read by 1 worker, at most 0 ms behind"
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+    assert process.returncode == 0
+    down = vortex_line()
+    assert down.startswith("vortex DOWN 2 of 2 shards held by no live worker: shardId-")

@@ -13,6 +13,7 @@ from clickstream_pipeline.cli.app import (
     out,
     wait_for_interrupt,
 )
+from clickstream_pipeline.config import Settings
 from clickstream_pipeline.errors import ClickstreamError
 
 if TYPE_CHECKING:
@@ -40,8 +41,19 @@ def serve_metrics(host: str, port: int) -> None:
     from clickstream_pipeline.resources import WarehouseResource
 
     WarehouseResource().warehouse()  # a missing or bad URL is a clear error now, not at scrape
+    settings = Settings.from_env()
     registry = CollectorRegistry()
-    registry.register(PipelineCollector(lambda: WarehouseResource().warehouse()))
+    registry.register(
+        PipelineCollector(
+            lambda: WarehouseResource().warehouse(),
+            # Vortex's shards, wherever it records them in PostgreSQL (none: no series).
+            vortex_url=(
+                settings.vortex_url
+                if settings.vortex_url and settings.vortex_url.startswith("postgres")
+                else None
+            ),
+        )
+    )
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as error:
@@ -58,7 +70,8 @@ def serve_metrics(host: str, port: int) -> None:
     help="Also require recent Dagster daemon heartbeats (DAGSTER_HOME).",
 )
 def health(daemon: bool) -> None:
-    """Check S3, the warehouse, the registry and the Dagster daemon; exit 1 if any is down.
+    """Check S3, the warehouse, the registry, the Dagster daemon and (where
+    CLICKSTREAM_KINESIS_STREAM is set) vortex; exit 1 if any is down.
 
     Usable as a Kubernetes probe: one table, one exit code.
     """

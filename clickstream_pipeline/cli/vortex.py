@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 
@@ -11,25 +10,6 @@ import click
 
 from clickstream_pipeline.cli.app import cli, err, out
 from clickstream_pipeline.config import Settings
-from clickstream_pipeline.errors import ClickstreamError
-
-
-def vortex_url(environ: dict[str, str] | None = None) -> str:
-    """Where leases and checkpoints live: CLICKSTREAM_VORTEX_URL, else the warehouse's URL (a
-    PostgreSQL one: a Redshift warehouse needs a PostgreSQL URL of its own here)."""
-    env = os.environ if environ is None else environ
-    url = env.get("CLICKSTREAM_VORTEX_URL") or env.get("CLICKSTREAM_WAREHOUSE_URL") or ""
-    if not url:
-        raise ClickstreamError(
-            "CLICKSTREAM_VORTEX_URL is not set (nor CLICKSTREAM_WAREHOUSE_URL): export a "
-            "postgresql:// URL for vortex's leases and checkpoints"
-        )
-    if not url.startswith(("postgresql://", "postgres://")):
-        raise ClickstreamError(
-            "vortex keeps its leases in PostgreSQL: set CLICKSTREAM_VORTEX_URL to a "
-            "postgresql:// URL (the warehouse URL is not one)"
-        )
-    return url
 
 
 @cli.command()
@@ -106,7 +86,7 @@ def vortex(
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    store = LeaseStore(vortex_url())
+    store = LeaseStore(settings.require_vortex_url())
     worker = Vortex(config, store, s3_client())
     previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     err.print(
