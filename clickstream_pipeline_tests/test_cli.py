@@ -103,6 +103,7 @@ def test_unreachable_s3_is_one_line(monkeypatch: pytest.MonkeyPatch, registry_pa
         ["dev"],
         ["health"],
         ["bench"],
+        ["vortex"],
     ],
 )
 def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:

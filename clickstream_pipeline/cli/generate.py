@@ -16,13 +16,17 @@ from clickstream_pipeline.cli.app import (
     register,
 )
 from clickstream_pipeline.config import Settings
+from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.generator import (
     GenerationReport,
     GeneratorSpec,
     generate_files,
+    put_on_stream,
     write_files,
 )
 from clickstream_pipeline.s3 import ensure_bucket, s3_client
+from clickstream_pipeline.vortex.kinesis import kinesis_client
+from clickstream_pipeline.vortex.routing import MAX_CLOCK_SKEW
 
 if TYPE_CHECKING:
     pass
@@ -90,32 +94,70 @@ if TYPE_CHECKING:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--gzip/--no-gzip", "compress", default=True, show_default=True)
 @click.option("--no-register", is_flag=True, help="Do not add the streams to the registry.")
-def generate(start: datetime | None, no_register: bool, **options: int | float | bool) -> None:
-    """Write synthetic Segment-style event files to S3 in the raw layout."""
+@click.option(
+    "--to",
+    "target",
+    type=click.Choice(["s3", "kinesis"]),
+    default="s3",
+    show_default=True,
+    help="Write raw files to S3, or put the records on the Kinesis stream (for vortex).",
+)
+@click.option(
+    "--stream",
+    envvar="CLICKSTREAM_KINESIS_STREAM",
+    help="Kinesis stream for --to kinesis [env: CLICKSTREAM_KINESIS_STREAM].",
+)
+def generate(
+    start: datetime | None,
+    no_register: bool,
+    target: str,
+    stream: str | None,
+    **options: int | float | bool,
+) -> None:
+    """Write synthetic Segment-style events: files to S3 in the raw layout, or records on the
+    Kinesis stream as apps send them (each with its customer)."""
     settings = Settings.from_env()
-    bucket = settings.require_bucket()
     spec = GeneratorSpec(start=start.replace(tzinfo=UTC) if start else None, **options)  # type: ignore[arg-type]
-    client = s3_client()
-    ensure_bucket(client, bucket)
+    now = datetime.now(UTC)
+    if target == "kinesis":
+        if not stream:
+            raise ClickstreamError(
+                "--to kinesis needs a stream: pass --stream or export CLICKSTREAM_KINESIS_STREAM"
+            )
+        if now - spec.first_hour(now) > MAX_CLOCK_SKEW:
+            raise ClickstreamError(
+                "records received more than 24 h before they reach the stream go to errors/: "
+                "use --hours 23 or fewer, or a later --start"
+            )
+    else:
+        ensure_bucket(s3_client(), settings.require_bucket())
     if not no_register:
         register(spec)
     total_files = spec.customers * spec.events * spec.hours * spec.files_per_hour + min(
         spec.late_files, spec.customers * spec.events * spec.hours
     )
     began = time.perf_counter()
+    files = generate_files(spec, settings.raw_prefix, now)
     with progress() as bar:
-        task = bar.add_task("writing files", total=total_files)
-        report = write_files(
-            client,
-            bucket,
-            generate_files(spec, settings.raw_prefix, datetime.now(UTC)),
-            on_file=lambda _: bar.advance(task),
+        task = bar.add_task(
+            "putting records (file by file)" if target == "kinesis" else "writing files",
+            total=total_files,
         )
-    _print_generation(report, bucket, settings.raw_prefix, time.perf_counter() - began)
+        if target == "kinesis":
+            assert stream is not None
+            report = put_on_stream(
+                kinesis_client(), stream, files, on_file=lambda _: bar.advance(task)
+            )
+            where = f"Kinesis stream {stream}"
+        else:
+            bucket = settings.require_bucket()
+            report = write_files(s3_client(), bucket, files, on_file=lambda _: bar.advance(task))
+            where = f"s3://{bucket}/{settings.raw_prefix}/"
+    _print_generation(report, where, time.perf_counter() - began)
 
 
-def _print_generation(report: GenerationReport, bucket: str, prefix: str, seconds: float) -> None:
-    table = Table(title=f"generated into s3://{bucket}/{prefix}/", title_justify="left")
+def _print_generation(report: GenerationReport, where: str, seconds: float) -> None:
+    table = Table(title=f"generated into {where}", title_justify="left")
     for column in ("stream", "files", "records", "unique messages", "duplicates", "bad records"):
         table.add_column(column, justify="left" if column == "stream" else "right")
     for key, counts in sorted(report.streams.items()):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +32,14 @@ from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.generator import (
     GeneratorSpec,
     generate_files,
-    write_files,
+    put_on_stream,
 )
 from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
 from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline.vortex import LeaseStore, Totals, Vortex, VortexConfig
+from clickstream_pipeline.vortex.kinesis import kinesis_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 
 if TYPE_CHECKING:
@@ -79,17 +84,20 @@ def stack(root: str, bucket: str, s3_port: int) -> None:
 @click.option("--customers", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--events", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--hours", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--events-per-file", default=5000, show_default=True, type=click.IntRange(min=1))
+@click.option("--events-per-file", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=42, show_default=True, type=int)
 def demo(
     root: str, customers: int, events: int, hours: int, events_per_file: int, seed: int
 ) -> None:
     """Run the whole pipeline on embedded defaults and print a summary.
 
-    Starts an embedded PostgreSQL and a local S3 server, writes synthetic events (with
-    duplicates, bad records and late files), loads them through Dagster, writes the late files,
-    loads again, and checks the tables hold exactly the unique valid events.
+    Starts an embedded PostgreSQL and a local S3 and Kinesis server, puts synthetic events on the
+    stream (with duplicates and bad records), runs vortex to write them to S3, loads them through
+    Dagster, sends late events for hours already loaded, writes and loads again, and checks the
+    tables hold exactly the unique valid events.
     """
+    if hours > 23:
+        raise ClickstreamError("--hours must be 23 or fewer: older events go to errors/")
     spec = GeneratorSpec(
         customers=customers,
         events=events,
@@ -101,35 +109,56 @@ def demo(
         late_files=max(1, customers * events * hours // 8),
         skew=5,
         seed=seed,
+        compress=False,
     )
     began = time.perf_counter()
-    err.print("starting the embedded PostgreSQL and local S3 server ...")
+    err.print("starting the embedded PostgreSQL and local S3 and Kinesis server ...")
     with LocalStack(root, fresh=True) as env:
         os.environ.update(env)
         settings = Settings.from_env()
         now = datetime.now(UTC)
-        client = s3_client()
+        kinesis = kinesis_client()
+        stream = env["CLICKSTREAM_KINESIS_STREAM"]
         register(spec)
         with progress() as bar:
-            task = bar.add_task("writing events", total=None)
-            written = write_files(
-                client,
-                env["CLICKSTREAM_BUCKET"],
+            task = bar.add_task("putting events on the stream", total=None)
+            sent = put_on_stream(
+                kinesis,
+                stream,
                 generate_files(spec, settings.raw_prefix, now, include="on_time"),
                 on_file=lambda _: bar.advance(task),
             )
-        err.print(f"wrote {written.files} files, {written.records:,} events; loading ...")
+        err.print(f"put {sent.records:,} events on {stream}; vortex is writing them to S3 ...")
+        first_vortex = _drain(settings, stream)
+        err.print(f"vortex wrote {first_vortex.files} files; loading ...")
         first = load_through_dagster(grace_minutes=0)
-        late = write_files(
-            client,
-            env["CLICKSTREAM_BUCKET"],
-            generate_files(spec, settings.raw_prefix, now, include="late"),
+        late = put_on_stream(
+            kinesis, stream, generate_files(spec, settings.raw_prefix, now, include="late")
         )
-        err.print(f"{late.files} late files arrived; loading again ...")
+        err.print(f"{late.records:,} late events for loaded hours; writing and loading again ...")
+        second_vortex = _drain(settings, stream)
         second = load_through_dagster(grace_minutes=0)
         third = load_through_dagster(grace_minutes=0)
         expected = _expected_rows(spec, settings.raw_prefix, now)
-        _print_demo(spec, expected, [first, second, third], time.perf_counter() - began)
+        _print_demo(
+            spec,
+            expected,
+            [first, second, third],
+            [first_vortex, second_vortex],
+            time.perf_counter() - began,
+        )
+
+
+def _drain(settings: Settings, stream: str) -> Totals:
+    """Vortex until the stream has been idle for 2 s: every record written and checkpointed."""
+    config = VortexConfig(
+        stream=stream, bucket=settings.require_bucket(), raw_prefix=settings.raw_prefix
+    )
+    store = LeaseStore(settings.require_vortex_url())
+    try:
+        return Vortex(config, store, s3_client()).run(until_idle=2.0)
+    finally:
+        store.close()
 
 
 def _expected_rows(spec: GeneratorSpec, raw_prefix: str, now: datetime) -> dict[str, int]:
@@ -141,7 +170,11 @@ def _expected_rows(spec: GeneratorSpec, raw_prefix: str, now: datetime) -> dict[
 
 
 def _print_demo(
-    spec: GeneratorSpec, expected: dict[str, int], loads: list[LoadSummary], seconds: float
+    spec: GeneratorSpec,
+    expected: dict[str, int],
+    loads: list[LoadSummary],
+    vortex: list[Totals],
+    seconds: float,
 ) -> None:
     warehouse = warehouse_for_url(Settings.from_env().require_warehouse_url())
     rows = warehouse.row_counts(spec.streams)
@@ -163,6 +196,14 @@ def _print_demo(
         table.add_row(stream.key, *(f"{v:,}" for v in values))
     table.add_row("total", *(f"{v:,}" for v in totals), style="bold")
     out.print(table)
+    read, written, files, duplicates, errors = (
+        sum(getattr(v, name) for v in vortex)
+        for name in ("records_in", "records_out", "files", "duplicates", "errors")
+    )
+    out.print(
+        f"vortex: {read:,} events read from the stream, {written:,} written in {files:,} files, "
+        f"{duplicates:,} duplicates dropped within batches, {errors:,} unroutable to errors/"
+    )
     first, second, third = loads
     load_seconds = first.seconds + second.seconds
     rate = (first.records_read + second.records_read) / load_seconds if load_seconds else 0.0
@@ -206,7 +247,10 @@ def _print_demo(
     help="Port of the Prometheus /metrics endpoint on 127.0.0.1.",
 )
 def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
-    """Run the embedded stack with the Dagster UI and daemon, sensors on, and /metrics.
+    """Run the embedded stack with vortex, the Dagster UI and daemon, sensors on, and /metrics.
+
+    Events put on the local Kinesis stream ('clickstream generate --to kinesis' in another
+    terminal) reach S3 through vortex within seconds, and the sensors load them.
 
     Dagster runs as in production: a code server, the webserver and the daemon, so a registry
     change ('clickstream registry add' in another terminal) reloads the code location. Prints the
@@ -226,16 +270,18 @@ def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
             except ClickstreamError as error:
                 # The UI and the sensors matter more here than the endpoint: go on without it.
                 err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
+            stream = env["CLICKSTREAM_KINESIS_STREAM"]
             if sample:
-                _write_dev_sample(env["CLICKSTREAM_BUCKET"])
+                _put_dev_sample(stream)
             for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
                 err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
-            err.print("starting the Dagster code server, webserver and daemon ...")
+            err.print("starting vortex, the Dagster code server, webserver and daemon ...")
             services = DagsterServices(Path(root) / "dagster", port)
-            with services:
+            with _vortex_running(stream), services:
                 err.print(
                     f"Dagster UI on {services.url}, metrics on "
-                    f"http://127.0.0.1:{metrics_port}/metrics (Ctrl-C stops everything)"
+                    f"http://127.0.0.1:{metrics_port}/metrics; vortex reads {stream} "
+                    "(Ctrl-C stops everything)"
                 )
                 status = services.wait()
             raise ClickstreamError(f"a Dagster process exited with status {status}")
@@ -243,7 +289,34 @@ def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
         err.print("stopped")
 
 
-def _write_dev_sample(bucket: str) -> None:
+# On a laptop a batch waits at most this long: events put on the stream are in S3 within seconds.
+DEV_MAX_DELAY_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _vortex_running(stream: str) -> Iterator[Vortex]:
+    """Vortex reading ``stream`` in a thread until the block ends (it writes what it batched)."""
+    settings = Settings.from_env()
+    config = VortexConfig(
+        stream=stream,
+        bucket=settings.require_bucket(),
+        raw_prefix=settings.raw_prefix,
+        max_delay_seconds=DEV_MAX_DELAY_SECONDS,
+    )
+    store = LeaseStore(settings.require_vortex_url())
+    worker = Vortex(config, store, s3_client())
+    thread = threading.Thread(target=worker.run, name="vortex", daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(60)
+        store.close()
+
+
+def _put_dev_sample(stream: str) -> None:
+    """A few hours of events on the stream, as apps send them: vortex writes them to S3."""
     spec = GeneratorSpec(
         customers=2,
         events=3,
@@ -252,12 +325,13 @@ def _write_dev_sample(bucket: str) -> None:
         duplicate_rate=0.02,
         bad_record_rate=0.01,
         seed=7,
+        compress=False,
         # Hours that ended over an hour ago: past any grace period, so they load at once.
         start=hour_floor(datetime.now(UTC)) - timedelta(hours=4),
     )
     register(spec)
-    write_files(
-        s3_client(),
-        bucket,
+    put_on_stream(
+        kinesis_client(),
+        stream,
         generate_files(spec, Settings.from_env().raw_prefix, datetime.now(UTC)),
     )

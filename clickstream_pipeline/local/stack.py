@@ -168,6 +168,10 @@ class LocalStack:
     def _start_s3(self) -> str:
         from moto.server import ThreadedMotoServer
 
+        from clickstream_pipeline.local.moto_kinesis import speed_up_moto_kinesis
+
+        speed_up_moto_kinesis()
+
         # One access-log line per request drowns the CLI's own output.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
