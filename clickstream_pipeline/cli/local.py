@@ -37,8 +37,7 @@ from clickstream_pipeline.generator import (
 from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.local.stack import DEFAULT_BUCKET, DEFAULT_ROOT
-from clickstream_pipeline.s3 import s3_client
-from clickstream_pipeline.vortex import LeaseStore, Totals, Vortex, VortexConfig
+from clickstream_pipeline.vortex import Totals, Vortex, vortex_worker
 from clickstream_pipeline.vortex.kinesis import kinesis_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 
@@ -129,14 +128,14 @@ def demo(
                 on_file=lambda _: bar.advance(task),
             )
         err.print(f"put {sent.records:,} events on {stream}; vortex is writing them to S3 ...")
-        first_vortex = _drain(settings, stream)
+        first_vortex = _drain(stream)
         err.print(f"vortex wrote {first_vortex.files} files; loading ...")
         first = load_through_dagster(grace_minutes=0)
         late = put_on_stream(
             kinesis, stream, generate_files(spec, settings.raw_prefix, now, include="late")
         )
         err.print(f"{late.records:,} late events for loaded hours; writing and loading again ...")
-        second_vortex = _drain(settings, stream)
+        second_vortex = _drain(stream)
         second = load_through_dagster(grace_minutes=0)
         third = load_through_dagster(grace_minutes=0)
         expected = _expected_rows(spec, settings.raw_prefix, now)
@@ -149,16 +148,10 @@ def demo(
         )
 
 
-def _drain(settings: Settings, stream: str) -> Totals:
+def _drain(stream: str) -> Totals:
     """Vortex until the stream has been idle for 2 s: every record written and checkpointed."""
-    config = VortexConfig(
-        stream=stream, bucket=settings.require_bucket(), raw_prefix=settings.raw_prefix
-    )
-    store = LeaseStore(settings.require_vortex_url())
-    try:
-        return Vortex(config, store, s3_client()).run(until_idle=2.0)
-    finally:
-        store.close()
+    with vortex_worker(stream) as worker:
+        return worker.run(until_idle=2.0)
 
 
 def _expected_rows(spec: GeneratorSpec, raw_prefix: str, now: datetime) -> dict[str, int]:
@@ -296,23 +289,14 @@ DEV_MAX_DELAY_SECONDS = 5.0
 @contextlib.contextmanager
 def _vortex_running(stream: str) -> Iterator[Vortex]:
     """Vortex reading ``stream`` in a thread until the block ends (it writes what it batched)."""
-    settings = Settings.from_env()
-    config = VortexConfig(
-        stream=stream,
-        bucket=settings.require_bucket(),
-        raw_prefix=settings.raw_prefix,
-        max_delay_seconds=DEV_MAX_DELAY_SECONDS,
-    )
-    store = LeaseStore(settings.require_vortex_url())
-    worker = Vortex(config, store, s3_client())
-    thread = threading.Thread(target=worker.run, name="vortex", daemon=True)
-    thread.start()
-    try:
-        yield worker
-    finally:
-        worker.stop()
-        thread.join(60)
-        store.close()
+    with vortex_worker(stream, max_delay_seconds=DEV_MAX_DELAY_SECONDS) as worker:
+        thread = threading.Thread(target=worker.run, name="vortex", daemon=True)
+        thread.start()
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            thread.join(60)
 
 
 def _put_dev_sample(stream: str) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from clickstream_pipeline.cli.app import cli, err, out
-from clickstream_pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from clickstream_pipeline.vortex import Vortex
 
 
 @cli.command()
@@ -71,26 +74,26 @@ def vortex(
     stream's shards (leases and checkpoints in CLICKSTREAM_VORTEX_URL, default the warehouse's
     PostgreSQL). SIGTERM or Ctrl-C writes what is batched, then exits.
     """
-    from clickstream_pipeline.s3 import s3_client
-    from clickstream_pipeline.vortex import LeaseStore, Vortex, VortexConfig
+    from clickstream_pipeline.vortex import vortex_worker
 
-    settings = Settings.from_env()
-    config = VortexConfig(
-        stream=stream,
-        bucket=settings.require_bucket(),
-        raw_prefix=settings.raw_prefix,
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    with vortex_worker(
+        stream,
         max_bytes=max_bytes,
         max_records=max_records,
         max_delay_seconds=max_delay,
         lease_seconds=lease_seconds,
-    )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("botocore").setLevel(logging.WARNING)
-    store = LeaseStore(settings.require_vortex_url())
-    worker = Vortex(config, store, s3_client())
+    ) as worker:
+        _run(worker, until_idle)
+
+
+def _run(worker: Vortex, until_idle: float | None) -> None:
+    config = worker.config
     previous = signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     err.print(
-        f"vortex {worker.owner}: reading {stream!r} into s3://{config.bucket}/{config.raw_prefix}/"
+        f"vortex {worker.owner}: reading {config.stream!r} into "
+        f"s3://{config.bucket}/{config.raw_prefix}/"
         + (f" until idle for {until_idle:g} s" if until_idle else " (Ctrl-C stops)")
     )
     began = time.perf_counter()
@@ -101,7 +104,6 @@ def vortex(
         totals = worker.totals
     finally:
         signal.signal(signal.SIGTERM, previous)
-        store.close()
     seconds = time.perf_counter() - began
     out.print(
         f"vortex: {totals.records_in:,} records read, {totals.records_out:,} written in "

@@ -8,13 +8,14 @@ and writes (``files.render`` -> plan -> upload -> commit, see ``leases``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from botocore.exceptions import ClientError
 
+from clickstream_pipeline.config import Settings
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.vortex.files import (
@@ -386,3 +388,21 @@ class Vortex:
             if reader.batch or now - reader.last_records_at < seconds:
                 return False
         return self.store.unread_elsewhere(self.config.stream, self.owner) == 0
+
+
+@contextlib.contextmanager
+def vortex_worker(stream: str, settings: Settings | None = None, **limits: Any) -> Iterator[Vortex]:
+    """A worker for ``stream`` as configured by the environment (bucket, raw prefix, vortex
+    database); ``limits`` are ``VortexConfig``'s flush and lease settings. Its database
+    connection closes when the block ends."""
+    from clickstream_pipeline.s3 import s3_client
+
+    settings = settings or Settings.from_env()
+    config = VortexConfig(
+        stream=stream, bucket=settings.require_bucket(), raw_prefix=settings.raw_prefix, **limits
+    )
+    store = LeaseStore(settings.require_vortex_url())
+    try:
+        yield Vortex(config, store, s3_client())
+    finally:
+        store.close()
