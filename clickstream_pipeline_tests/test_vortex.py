@@ -657,3 +657,42 @@ def test_the_demo_goes_from_the_stream_to_exact_rows(tmp_path: Path) -> None:
     (vortex_line,) = [line for line in lines if line.startswith("vortex: ")]
     assert "duplicates dropped within batches" in vortex_line
     assert "a third load found 0 to do" in done.stdout
+
+
+def test_kinesis_unreachable_for_a_while_is_waited_out_and_then_is_one_error(
+    pipeline: dict[str, str], stream: str, customer: str
+) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    from clickstream_pipeline.errors import ClickstreamError
+
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records = valid_records(customer, 20, recent_hour(1))
+    put_records(kinesis_client(), stream, encoded(*records))
+    refusals = {"left": 2}
+
+    def unreachable(**_: Any) -> None:
+        if refusals["left"]:
+            refusals["left"] -= 1
+            raise EndpointConnectionError(endpoint_url="http://kinesis.invalid")
+
+    def worker(kinesis: Any) -> Vortex:
+        return Vortex(
+            config(stream, bucket, lease_seconds=3.0),
+            LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+            s3_client(),
+            kinesis,
+        )
+
+    # One attempt per call: botocore's own retries would wait each refusal out first.
+    flaky = kinesis_client(max_attempts=1)
+    flaky.meta.events.register("before-send.kinesis.ListShards", unreachable)
+    worked = worker(flaky)
+    worked.run(until_idle=1.0)
+    assert refusals["left"] == 0 and worked.totals.records_in == 20
+
+    refusals["left"] = 1_000
+    down = kinesis_client(max_attempts=1)
+    down.meta.events.register("before-send.kinesis.ListShards", unreachable)
+    with pytest.raises(ClickstreamError, match=r"^cannot reach Kinesis to list the shards of"):
+        worker(down).run(until_idle=1.0)

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -47,6 +47,9 @@ IDLE_POLL_SECONDS = 1.0
 # Errors worth waiting out (Kinesis and S3 throttling, a server's bad moment); after this many
 # in a row the reader gives its shard up and the main loop takes it again later.
 MAX_CONSECUTIVE_ERRORS = 8
+# Ticks (a third of a lease each: 10 s by default) in a row that may fail before the worker
+# gives up: a minute of Kinesis or database trouble is waited out.
+MAX_TICK_FAILURES = 6
 _THROTTLED = {"ProvisionedThroughputExceededException", "LimitExceededException", "SlowDown"}
 
 
@@ -316,23 +319,30 @@ class Vortex:
         """Stop soon: readers write what they batched, then the worker leaves."""
         self._stop.set()
 
-    def run(
-        self,
-        until_idle: float | None = None,
-        on_tick: Callable[[Vortex], None] | None = None,
-    ) -> Totals:
+    def run(self, until_idle: float | None = None) -> Totals:
         """Consume until ``stop()`` (or, with ``until_idle``, until every shard this worker can
-        read has been idle that long with everything written and checkpointed)."""
+        read has been idle that long with everything written and checkpointed). Kinesis or the
+        database being unreachable is waited out for ``MAX_TICK_FAILURES`` ticks in a row
+        (the readers keep their batches), then it is the error."""
         config = self.config
         self.until_idle = until_idle
         self.store.ensure_schema()
         tick = config.lease_seconds / 3
+        failures = 0
         try:
             while not self._stop.is_set():
-                self._tick()
-                if on_tick is not None:
-                    on_tick(self)
-                if until_idle is not None and self._idle_for(until_idle):
+                try:
+                    self._tick()
+                    failures = 0
+                except ClickstreamError as error:
+                    failures += 1
+                    if failures >= MAX_TICK_FAILURES:
+                        raise
+                    log.warning(
+                        "%s (tick %d of %d failing; retrying)", error, failures, MAX_TICK_FAILURES
+                    )
+                # Idle only as seen by a tick that worked (the shards listed and recorded).
+                if until_idle is not None and failures == 0 and self._idle_for(until_idle):
                     break
                 self._stop.wait(min(tick, until_idle or tick))
         finally:
@@ -345,9 +355,9 @@ class Vortex:
                 self.store.leave(config.stream, self.owner)
             except ClickstreamError as error:
                 log.warning("could not release the shards on exit: %s", error)
-        failures = [r.error for r in self.readers.values() if r.error is not None]
-        if failures and not isinstance(failures[0], LeaseLost):
-            raise ClickstreamError(f"a shard reader failed: {failures[0]}")
+        errors = [r.error for r in self.readers.values() if r.error is not None]
+        if errors and not isinstance(errors[0], LeaseLost):
+            raise ClickstreamError(f"a shard reader failed: {errors[0]}")
         return self.totals
 
     def _tick(self) -> None:

@@ -18,12 +18,14 @@ PUT_BATCH_RECORDS = 500
 PUT_BATCH_BYTES = 5 * 1024 * 1024 - 64 * 1024
 
 
-def kinesis_client() -> Any:
+def kinesis_client(max_attempts: int = 10) -> Any:
     """A thread-safe Kinesis client (AWS_ENDPOINT_URL and credentials from the environment),
-    retrying throttling and server errors with backoff."""
+    retrying throttling, server and connection errors with backoff."""
     import boto3
 
-    config = Config(retries={"max_attempts": 10, "mode": "adaptive"}, max_pool_connections=32)
+    config = Config(
+        retries={"max_attempts": max_attempts, "mode": "adaptive"}, max_pool_connections=32
+    )
     return boto3.session.Session().client("kinesis", config=config)
 
 
