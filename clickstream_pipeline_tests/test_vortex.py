@@ -245,6 +245,26 @@ def test_a_child_shard_waits_for_its_parents(local_stack: dict[str, str]) -> Non
     (child,) = store.acquire(name, "w", 30, 4)
     assert child.shard_id == "shardId-000000000001"
 
+    # A parent recorded but never read to its end that ages out of the stream (no longer
+    # listed) has nothing left to read: its child does not wait for it forever.
+    store.sync_shards(
+        name,
+        [
+            ShardInfo("shardId-000000000001", ("shardId-000000000000",)),
+            ShardInfo("shardId-000000000002", (), "20"),
+            ShardInfo("shardId-000000000003", ("shardId-000000000002",)),
+        ],
+    )
+    assert [s.shard_id for s in store.acquire(name, "w", 30, 4)] == ["shardId-000000000002"]
+    store.sync_shards(
+        name,
+        [
+            ShardInfo("shardId-000000000001", ("shardId-000000000000",)),
+            ShardInfo("shardId-000000000003", ("shardId-000000000002",)),
+        ],
+    )
+    assert [s.shard_id for s in store.acquire(name, "w", 30, 4)] == ["shardId-000000000003"]
+
 
 # -- the consumer on the local Kinesis -------------------------------------------------------
 

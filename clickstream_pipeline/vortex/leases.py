@@ -148,7 +148,15 @@ class LeaseStore:
             self._conn.close()
 
     def ensure_schema(self) -> None:
+        """Create the tables on first use. Once they exist nothing is created, so a worker's
+        database user needs the CREATE privilege only for the first start."""
         with self._cursor() as cur:
+            cur.execute(
+                "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL AS ready",
+                (f"{SCHEMA}.vortex_shards", f"{SCHEMA}.vortex_workers"),
+            )
+            if cur.fetchone()["ready"]:
+                return
             cur.execute("SELECT pg_advisory_lock(hashtextextended('clickstream.vortex', 0))")
             try:
                 cur.execute(_DDL)
@@ -156,10 +164,18 @@ class LeaseStore:
                 cur.execute("SELECT pg_advisory_unlock(hashtextextended('clickstream.vortex', 0))")
 
     def sync_shards(self, stream: str, shards: Sequence[ShardInfo]) -> None:
-        """Record the stream's shards: new ones, and closed ones' ending sequence numbers."""
+        """Record the stream's shards: new ones, and closed ones' ending sequence numbers. A
+        recorded shard no longer listed has aged out of the stream's retention: nothing is
+        left to read, so it counts as finished (its children may start)."""
         if not shards:
             return
         with self._cursor() as cur:
+            cur.execute(
+                f"""UPDATE {SCHEMA}.vortex_shards SET finished = true, owner = NULL,
+                    lease_expires = NULL
+                WHERE stream = %s AND NOT finished AND NOT (shard_id = ANY(%s))""",
+                (stream, [s.shard_id for s in shards]),
+            )
             psycopg2.extras.execute_values(
                 cur,
                 f"""INSERT INTO {SCHEMA}.vortex_shards (stream, shard_id, parents, ending_sequence)
