@@ -716,3 +716,24 @@ def test_kinesis_unreachable_for_a_while_is_waited_out_and_then_is_one_error(
     down.meta.events.register("before-send.kinesis.ListShards", unreachable)
     with pytest.raises(ClickstreamError, match=r"^cannot reach Kinesis to list the shards of"):
         worker(down).run(until_idle=1.0)
+
+
+def test_a_worker_holds_no_more_shards_than_its_cap(
+    pipeline: dict[str, str], customer: str
+) -> None:
+    stream = f"s{uuid.uuid4().hex[:10]}"
+    ensure_stream(kinesis_client(), stream, 4)
+    worker = Vortex(
+        config(stream, pipeline["CLICKSTREAM_BUCKET"], lease_seconds=3.0, max_shards=3),
+        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+        s3_client(),
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(shard_rows(stream)) == 4, "the shards recorded", 30)
+        time.sleep(3)  # three ticks: it stays at its cap
+        assert sorted(bool(r["owner"]) for r in shard_rows(stream)) == [False, True, True, True]
+    finally:
+        worker.stop()
+        thread.join(60)

@@ -59,6 +59,13 @@ if TYPE_CHECKING:
     show_default=True,
     help="A worker's shard lease; a dead worker's shards are taken over after it expires.",
 )
+@click.option(
+    "--max-shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Hold at most this many shards (memory is about --max-bytes per shard held); "
+    "default: a fair share of the stream's shards, uncapped.",
+)
 def vortex(
     stream: str,
     until_idle: float | None,
@@ -66,6 +73,7 @@ def vortex(
     max_records: int,
     max_delay: float,
     lease_seconds: float,
+    max_shards: int | None,
 ) -> None:
     """Read a Kinesis stream and write its records to S3 as raw files, exactly once.
 
@@ -84,6 +92,7 @@ def vortex(
         max_records=max_records,
         max_delay_seconds=max_delay,
         lease_seconds=lease_seconds,
+        max_shards=max_shards,
     ) as worker:
         _run(worker, until_idle)
 

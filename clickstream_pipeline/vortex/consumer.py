@@ -72,6 +72,9 @@ class VortexConfig:
     max_records: int = 50_000
     max_delay_seconds: float = 60.0
     lease_seconds: float = 30.0
+    # At most this many shards per worker (memory is the flush limits times the shards held):
+    # with most workers gone, the rest do not take every shard. None: a fair share, uncapped.
+    max_shards: int | None = None
     get_records_limit: int = 10_000
     upload_threads: int = 8
 
@@ -80,6 +83,8 @@ class VortexConfig:
             raise ClickstreamError("flush limits must be positive")
         if self.lease_seconds < 3:
             raise ClickstreamError("the lease must last at least 3 seconds")
+        if self.max_shards is not None and self.max_shards < 1:
+            raise ClickstreamError("--max-shards must be at least 1")
 
 
 @dataclass
@@ -377,6 +382,8 @@ class Vortex:
                 log.error("shard %s: %s (it will be taken again)", shard_id, reader.error)
                 self.store.release(reader.lease)
         share = self.store.fair_share(config.stream, workers)
+        if config.max_shards is not None:
+            share = min(share, config.max_shards)
         live = [r for r in self.readers.values() if r.is_alive()]
         for reader in live[share:]:
             reader.release()  # more than a fair share: another worker joined
