@@ -737,3 +737,30 @@ def test_a_worker_holds_no_more_shards_than_its_cap(
     finally:
         worker.stop()
         thread.join(60)
+
+
+def test_until_idle_waits_for_slow_reads_rather_than_taking_them_for_an_idle_stream(
+    pipeline: dict[str, str], stream: str, customer: str
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    records = valid_records(customer, 40, recent_hour(1))
+    put_records(kinesis_client(), stream, encoded(*records))
+    slow = kinesis_client()
+    slowed = {"left": 4}
+
+    def take_long(**_: Any) -> None:
+        if slowed["left"]:
+            slowed["left"] -= 1
+            time.sleep(2.5)  # longer than the idle time: a big GetRecords on a busy stream
+
+    slow.meta.events.register("before-send.kinesis.GetRecords", take_long)
+    worker = Vortex(
+        config(stream, bucket, get_records_limit=10),  # four reads for the 40 records
+        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+        s3_client(),
+        slow,
+    )
+    worker.run(until_idle=1.0)
+    assert slowed["left"] == 0
+    assert worker.totals.records_in == 40
+    assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)

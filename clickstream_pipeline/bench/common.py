@@ -82,7 +82,7 @@ def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
     """A Dagster instance directory whose storage is database ``name`` on the warehouse's
     PostgreSQL server (created), as production keeps it (deploy/dagster.yaml): event writes and
     partition queries are measured on the storage a deployment has (its connections held open,
-clickstream_pipeline/dagster_storage.py), not on sqlite."""
+    clickstream_pipeline/dagster_storage.py), not on sqlite."""
     import re
 
     import psycopg2

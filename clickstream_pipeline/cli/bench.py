@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--only",
-    type=click.Choice(["dataplane", "orchestration", "skew", "scale"]),
+    type=click.Choice(["dataplane", "orchestration", "skew", "scale", "vortex"]),
     multiple=True,
     help="Run only these parts (repeatable).",
 )
@@ -58,14 +58,15 @@ def bench(
     """Measure the pipeline side by side with the COPY limit and with peers.
 
     Data plane (this project, COPY-only, naive inserts, dlt), orchestration (clickstream load and
-    the daemon), skew and scale. Writes JSON, a Markdown table and a chart.
+    the daemon), skew, scale and vortex (Kinesis to S3, beside a bare read of the stream, and end
+    to end into the warehouse). Writes JSON, a Markdown table and a chart.
     """
     import json
     import tempfile
 
-    from clickstream_pipeline.bench import dataplane, orchestration, report, scale
+    from clickstream_pipeline.bench import dataplane, orchestration, report, scale, vortex
 
-    parts = set(only) or {"dataplane", "orchestration", "skew", "scale"}
+    parts = set(only) or {"dataplane", "orchestration", "skew", "scale", "vortex"}
     if output is None and quick:
         output = tempfile.mkdtemp(prefix="clickstream-bench-")
     base = Path(output) if output else None
@@ -93,9 +94,12 @@ def bench(
             if quick
             else scale.run(s3_bucket=s3_bucket)
         ),
+        "vortex": lambda: (
+            vortex.run(events=20_000, end_to_end_events=20_000) if quick else vortex.run()
+        ),
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    for name in ("dataplane", "orchestration", "skew", "scale"):
+    for name in ("dataplane", "orchestration", "skew", "scale", "vortex"):
         if name in parts:
             err.print(f"bench: {name} ...")
             began = time.perf_counter()

@@ -120,6 +120,9 @@ class ShardReader(threading.Thread):
         self.batch = Batch(lease.shard_id)
         self.millis_behind: int | None = None
         self.last_records_at = time.monotonic()
+        # The last GetRecords returned nothing: the reader is at the shard's tip. Until then a
+        # slow call (10,000 records can take seconds) must not look like an idle stream.
+        self.caught_up = False
         self.error: BaseException | None = None
         self.finished = False
         self._stop_requested = threading.Event()
@@ -204,6 +207,7 @@ class ShardReader(threading.Thread):
             now = time.monotonic()
             if records:
                 self.last_records_at = now
+            self.caught_up = not records
             quiet = now - self.last_records_at
             if (
                 self._replay_last is None
@@ -402,7 +406,7 @@ class Vortex:
         for reader in self.readers.values():
             if reader.finished or not reader.is_alive():
                 continue
-            if reader.batch or now - reader.last_records_at < seconds:
+            if reader.batch or not reader.caught_up or now - reader.last_records_at < seconds:
                 return False
         return self.store.unread_elsewhere(self.config.stream, self.owner) == 0
 
