@@ -217,11 +217,19 @@ class YamlFileRegistry:
 
 
 def registry_backend(location: str | None = None) -> RegistryBackend:
-    """The backend for a registry location (``CLICKSTREAM_REGISTRY``); today a YAML file path."""
+    """The backend for a registry location (``CLICKSTREAM_REGISTRY``): a YAML file path, or a
+    ``postgresql://`` URL (an append-only history in the ``clickstream`` schema)."""
     location = location or os.environ.get("CLICKSTREAM_REGISTRY") or DEFAULT_REGISTRY
     scheme, sep, _ = location.partition("://")
+    if scheme in ("postgresql", "postgres") and sep:
+        from clickstream_pipeline.registry_postgres import PostgresRegistry
+
+        return PostgresRegistry(location)
     if sep and scheme != "file":
-        raise ClickstreamError(f"unsupported registry location {location!r}: use a YAML file path")
+        raise ClickstreamError(
+            f"unsupported registry location {location!r}: use a YAML file path or a "
+            "postgresql:// URL"
+        )
     return YamlFileRegistry(location.removeprefix("file://"))
 
 

@@ -96,6 +96,7 @@ def test_unreachable_s3_is_one_line(monkeypatch: pytest.MonkeyPatch, registry_pa
         ["registry", "list"],
         ["registry", "add"],
         ["registry", "remove"],
+        ["registry", "history"],
         ["generate"],
         ["stack"],
         ["load"],

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 import click
+from rich.table import Table
 
 from clickstream_pipeline.cli.app import (
     cli,
     err,
     out,
 )
+from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.registry import registry_backend
 
 if TYPE_CHECKING:
@@ -53,3 +56,31 @@ def registry_remove(customer: str, events: tuple[str, ...]) -> None:
         edit.registry = edit.registry.with_removed(customer, events)
     removed = ", ".join(f"{customer}.{e}" for e in events) if events else f"customer {customer}"
     err.print(f"removed {removed} from {backend.location}")
+
+
+@registry.command("history")
+@click.option(
+    "--limit", default=50, show_default=True, type=click.IntRange(min=1), help="Newest changes."
+)
+def registry_history(limit: int) -> None:
+    """Print the registry's changes, newest first: when, who, from where, what."""
+    from clickstream_pipeline.registry_postgres import PostgresRegistry
+
+    backend = registry_backend()
+    if not isinstance(backend, PostgresRegistry):
+        raise ClickstreamError(
+            f"the registry in {backend.location} keeps no history: "
+            "a postgresql:// registry (CLICKSTREAM_REGISTRY) does"
+        )
+    table = Table(title=f"registry history ({backend.location})", title_justify="left")
+    for column in ("#", "when (UTC)", "who", "from", "change"):
+        table.add_column(column)
+    for change in backend.history(limit):
+        table.add_row(
+            str(change.id),
+            f"{change.changed_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
+            change.actor,
+            change.origin,
+            f"{change.action} {change.customer}.{change.event}",
+        )
+    out.print(table)
