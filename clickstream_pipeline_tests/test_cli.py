@@ -97,6 +97,8 @@ def test_unreachable_s3_is_one_line(monkeypatch: pytest.MonkeyPatch, registry_pa
         ["registry", "add"],
         ["registry", "remove"],
         ["registry", "history"],
+        ["registry", "import"],
+        ["registry", "export"],
         ["generate"],
         ["stack"],
         ["load"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -131,3 +132,34 @@ def test_an_unreachable_registry_database_is_one_line(local_stack: dict[str, str
         "clickstream: error: cannot connect to the registry at postgresql://127.0.0.1:1/registry:"
     )
     assert "secret" not in done.stderr
+
+
+def test_import_and_export_move_a_registry_between_backends(
+    registry_url: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "registry.yaml"
+    source.write_text(
+        "customers:\n  acme:\n    events: [page_view, add_to_cart]\n"
+        "  globex:\n    events: [video_play]\n"
+    )
+    env = {"CLICKSTREAM_REGISTRY": registry_url}
+    assert run_cli("registry", "add", "initech", "login", env=env).returncode == 0
+
+    merged = run_cli("registry", "import", str(source), env=env)
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stderr.strip().endswith("3 streams added, 0 removed, 4 registered")
+    replaced = run_cli("registry", "import", "--replace", str(source), env=env)
+    assert replaced.stderr.strip().endswith("0 streams added, 1 removed, 3 registered")
+
+    exported = run_cli("registry", "export", env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout == source.read_text()  # the file's own order and format
+    back = tmp_path / "back.yaml"
+    back.write_text(exported.stdout)
+    assert load_registry(str(back)) == load_registry(registry_url)
+
+    missing = run_cli("registry", "import", str(tmp_path / "nope.yaml"), env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        f"clickstream: error: cannot import {tmp_path / 'nope.yaml'}: no such file"
+    )

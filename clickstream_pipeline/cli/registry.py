@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -14,7 +15,7 @@ from clickstream_pipeline.cli.app import (
     out,
 )
 from clickstream_pipeline.errors import ClickstreamError
-from clickstream_pipeline.registry import registry_backend
+from clickstream_pipeline.registry import YamlFileRegistry, dump_registry, registry_backend
 
 if TYPE_CHECKING:
     pass
@@ -84,3 +85,40 @@ def registry_history(limit: int) -> None:
             f"{change.action} {change.customer}.{change.event}",
         )
     out.print(table)
+
+
+@registry.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Also remove registered events the file does not list (default: only add).",
+)
+def registry_import(file: str, replace: bool) -> None:
+    """Register every customer and event of a registry YAML FILE (a file registry, an export).
+
+    Nothing is removed unless --replace; the change is one edit (one transaction in PostgreSQL).
+    """
+    if not Path(file).is_file():
+        raise ClickstreamError(f"cannot import {file}: no such file")
+    imported = YamlFileRegistry(file).load()
+    backend = registry_backend()
+    with backend.edit() as edit:
+        before = edit.registry
+        merged = imported if replace else before
+        if not replace:
+            for customer, events in imported.customers:  # in the file's order
+                merged = merged.with_added(customer, events)
+        edit.registry = merged
+    added = len(set(merged.streams) - set(before.streams))
+    removed = len(set(before.streams) - set(merged.streams))
+    err.print(
+        f"imported {file} into {backend.location}: {added} streams added, {removed} removed, "
+        f"{len(merged.streams)} registered"
+    )
+
+
+@registry.command("export")
+def registry_export() -> None:
+    """Print the registry as YAML (the file registry's format), for review or another backend."""
+    out.print(dump_registry(registry_backend().load()), end="", markup=False, soft_wrap=True)
