@@ -764,3 +764,21 @@ def test_until_idle_waits_for_slow_reads_rather_than_taking_them_for_an_idle_str
     assert slowed["left"] == 0
     assert worker.totals.records_in == 40
     assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)
+
+
+def test_the_kinesis_client_reads_arrival_times_in_utc(stream: str) -> None:
+    kinesis = kinesis_client()
+    put_records(kinesis, stream, [(b"{}", "k")])
+    before = datetime.now(UTC)
+    records = []
+    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+        records += kinesis.get_records(ShardIterator=iterator)["Records"]
+    (record,) = records
+    arrival = record["ApproximateArrivalTimestamp"]
+    assert arrival.tzinfo is UTC
+    assert abs(arrival - before) < timedelta(seconds=30)
+    summary = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]
+    assert summary["StreamCreationTimestamp"].tzinfo is UTC

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.utils import parse_timestamp
 
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.vortex.leases import ShardInfo
@@ -18,15 +20,29 @@ PUT_BATCH_RECORDS = 500
 PUT_BATCH_BYTES = 5 * 1024 * 1024 - 64 * 1024
 
 
+def _utc_timestamp(value: Any) -> datetime:
+    """botocore's timestamp parser for Kinesis responses, in UTC: an epoch number (every
+    record's ApproximateArrivalTimestamp) without botocore's local-time zone lookup, a quarter
+    of the CPU vortex spent per record."""
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return parse_timestamp(value).astimezone(UTC)
+
+
 def kinesis_client(max_attempts: int = 10) -> Any:
     """A thread-safe Kinesis client (AWS_ENDPOINT_URL and credentials from the environment),
-    retrying throttling, server and connection errors with backoff."""
+    retrying throttling, server and connection errors with backoff; timestamps in UTC."""
     import boto3
+    import botocore.session
 
+    session = botocore.session.get_session()
+    session.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=_utc_timestamp
+    )
     config = Config(
         retries={"max_attempts": max_attempts, "mode": "adaptive"}, max_pool_connections=32
     )
-    return boto3.session.Session().client("kinesis", config=config)
+    return boto3.session.Session(botocore_session=session).client("kinesis", config=config)
 
 
 def _error(stream: str, action: str, error: Exception) -> ClickstreamError:

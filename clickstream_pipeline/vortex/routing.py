@@ -3,6 +3,7 @@ prefix with the reason it cannot be routed."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +17,26 @@ from clickstream_pipeline.warehouse.base import snake_case
 # A receivedAt this far from the record's arrival on the stream is a broken clock or a replay
 # from elsewhere: writing it would reopen an hour loaded long ago (or create one far ahead).
 MAX_CLOCK_SKEW = timedelta(hours=24)
+
+
+# A stream carries a few thousand distinct customers and event names, each in millions of
+# records: their checks are remembered rather than redone per record.
+_NAME_CACHE = 65_536
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE)
+def _valid_customer(customer: str) -> bool:
+    return is_valid_name(customer)
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE)
+def _table_name(event: str) -> str:
+    return snake_case(event)
+
+
+@functools.lru_cache(maxsize=_NAME_CACHE)
+def _stream(customer: str, event: str) -> Stream:
+    return Stream(customer, event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +67,12 @@ def route(data: bytes, arrival: datetime) -> Routed | Unroutable:
     customer = record.get("customer")
     if customer is None:
         return Unroutable("customer is missing")
-    if not is_valid_name(customer):
+    if not isinstance(customer, str) or not _valid_customer(customer):
         return Unroutable(f"customer {customer!r} does not match {NAME_RULE}")
     name = record.get("event")
     if not isinstance(name, str) or not name.strip():
         return Unroutable("event is missing or not a non-empty string")
-    event = snake_case(name)
+    event = _table_name(name)
     if not is_valid_name(event):
         return Unroutable(f"event {name!r} gives the table name {event!r}, not {NAME_RULE}")
     message_id = record.get("messageId")
@@ -68,4 +89,4 @@ def route(data: bytes, arrival: datetime) -> Routed | Unroutable:
             f"receivedAt {received_text} is more than {MAX_CLOCK_SKEW.total_seconds() / 3600:g} h"
             f" from its arrival on the stream at {arrival:%Y-%m-%dT%H:%M:%SZ}"
         )
-    return Routed(Stream(customer, event), hour_floor(received_at), message_id)
+    return Routed(_stream(customer, event), hour_floor(received_at), message_id)
