@@ -11,6 +11,7 @@ from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.registry import DEFAULT_REGISTRY
 
 DEFAULT_RAW_PREFIX = "raw"
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -56,6 +57,13 @@ class Settings:
             )
         return self.warehouse_url
 
+    @property
+    def vortex_postgres_url(self) -> str | None:
+        """The vortex URL when it is a PostgreSQL one (where vortex can keep its leases)."""
+        if self.vortex_url and self.vortex_url.startswith(_POSTGRES_SCHEMES):
+            return self.vortex_url
+        return None
+
     def require_vortex_url(self) -> str:
         """Where vortex keeps leases and checkpoints: CLICKSTREAM_VORTEX_URL, else the
         warehouse's URL; a PostgreSQL one (a Redshift warehouse needs a URL of its own here)."""
@@ -64,7 +72,7 @@ class Settings:
                 "CLICKSTREAM_VORTEX_URL is not set (nor CLICKSTREAM_WAREHOUSE_URL): export a "
                 "postgresql:// URL for vortex's leases and checkpoints"
             )
-        if not self.vortex_url.startswith(("postgresql://", "postgres://")):
+        if self.vortex_postgres_url is None:
             raise ClickstreamError(
                 "vortex keeps its leases in PostgreSQL: set CLICKSTREAM_VORTEX_URL to a "
                 "postgresql:// URL"

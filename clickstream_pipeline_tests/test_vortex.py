@@ -70,16 +70,18 @@ def stream(local_stack: dict[str, str]) -> str:
     return name
 
 
-def config(stream: str, bucket: str, **overrides: Any) -> VortexConfig:
-    return VortexConfig(stream=stream, bucket=bucket, **{"lease_seconds": 6.0, **overrides})
+def new_worker(stream: str, bucket: str, kinesis: Any = None, **overrides: Any) -> Vortex:
+    """A worker on the session's PostgreSQL and S3 server (a 6 s lease unless overridden)."""
+    return Vortex(
+        VortexConfig(stream=stream, bucket=bucket, **{"lease_seconds": 6.0, **overrides}),
+        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
+        s3_client(),
+        kinesis,
+    )
 
 
 def run_vortex(stream: str, bucket: str, until_idle: float = 1.5, **overrides: Any) -> Vortex:
-    worker = Vortex(
-        config(stream, bucket, **overrides),
-        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-        s3_client(),
-    )
+    worker = new_worker(stream, bucket, **overrides)
     worker.run(until_idle=until_idle)
     return worker
 
@@ -488,11 +490,7 @@ def test_a_split_and_a_merge_mid_stream_lose_and_double_nothing(
     kinesis = kinesis_client()
     ensure_stream(kinesis, stream, 2)
     hour = recent_hour(1)
-    worker = Vortex(
-        config(stream, bucket, max_delay_seconds=0.5, lease_seconds=3.0),
-        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-        s3_client(),
-    )
+    worker = new_worker(stream, bucket, max_delay_seconds=0.5, lease_seconds=3.0)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -557,12 +555,7 @@ def test_expired_iterators_and_throttling_are_waited_out(
         return (None, error)
 
     kinesis.meta.events.register("before-call.kinesis.GetRecords", fault)
-    worker = Vortex(
-        config(stream, bucket),
-        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-        s3_client(),
-        kinesis,
-    )
+    worker = new_worker(stream, bucket, kinesis)
     worker.run(until_idle=1.5)
     assert len(injected) == 6
     assert sorted(written_ids(bucket)) == sorted(r["messageId"] for r in records)
@@ -697,12 +690,7 @@ def test_kinesis_unreachable_for_a_while_is_waited_out_and_then_is_one_error(
             raise EndpointConnectionError(endpoint_url="http://kinesis.invalid")
 
     def worker(kinesis: Any) -> Vortex:
-        return Vortex(
-            config(stream, bucket, lease_seconds=3.0),
-            LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-            s3_client(),
-            kinesis,
-        )
+        return new_worker(stream, bucket, kinesis, lease_seconds=3.0)
 
     # One attempt per call: botocore's own retries would wait each refusal out first.
     flaky = kinesis_client(max_attempts=1)
@@ -723,11 +711,7 @@ def test_a_worker_holds_no_more_shards_than_its_cap(
 ) -> None:
     stream = f"s{uuid.uuid4().hex[:10]}"
     ensure_stream(kinesis_client(), stream, 4)
-    worker = Vortex(
-        config(stream, pipeline["CLICKSTREAM_BUCKET"], lease_seconds=3.0, max_shards=3),
-        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-        s3_client(),
-    )
+    worker = new_worker(stream, pipeline["CLICKSTREAM_BUCKET"], lease_seconds=3.0, max_shards=3)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
@@ -754,11 +738,11 @@ def test_until_idle_waits_for_slow_reads_rather_than_taking_them_for_an_idle_str
             time.sleep(2.5)  # longer than the idle time: a big GetRecords on a busy stream
 
     slow.meta.events.register("before-send.kinesis.GetRecords", take_long)
-    worker = Vortex(
-        config(stream, bucket, get_records_limit=10),  # four reads for the 40 records
-        LeaseStore(os.environ["CLICKSTREAM_WAREHOUSE_URL"]),
-        s3_client(),
+    worker = new_worker(
+        stream,
+        bucket,
         slow,
+        get_records_limit=10,  # four reads for the 40 records
     )
     worker.run(until_idle=1.0)
     assert slowed["left"] == 0

@@ -117,6 +117,8 @@ def generate(
     """Write synthetic Segment-style events: files to S3 in the raw layout, or records on the
     Kinesis stream as apps send them (each with its customer)."""
     settings = Settings.from_env()
+    if target == "kinesis":
+        options["compress"] = False  # records go on the stream one by one: no file to gzip
     spec = GeneratorSpec(start=start.replace(tzinfo=UTC) if start else None, **options)  # type: ignore[arg-type]
     now = datetime.now(UTC)
     if target == "kinesis":

@@ -230,7 +230,7 @@ def _print_demo(
     "--sample/--no-sample",
     default=True,
     show_default=True,
-    help="Write a few hours of synthetic events to start with.",
+    help="Put a few hours of synthetic events on the stream to start with.",
 )
 @click.option(
     "--metrics-port",

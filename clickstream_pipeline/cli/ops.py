@@ -47,11 +47,7 @@ def serve_metrics(host: str, port: int) -> None:
         PipelineCollector(
             lambda: WarehouseResource().warehouse(),
             # Vortex's shards, wherever it records them in PostgreSQL (none: no series).
-            vortex_url=(
-                settings.vortex_url
-                if settings.vortex_url and settings.vortex_url.startswith("postgres")
-                else None
-            ),
+            vortex_url=settings.vortex_postgres_url,
         )
     )
     try:

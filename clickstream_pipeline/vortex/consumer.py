@@ -99,14 +99,14 @@ class Totals:
     errors: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, rendered: RenderedBatch) -> None:
+    def add(self, counts: BatchCounts) -> None:
         with self._lock:
-            self.records_in += rendered.records_in
-            self.records_out += rendered.records_out
-            self.files += len(rendered.objects)
-            self.bytes_out += rendered.bytes_out
-            self.duplicates += rendered.duplicates
-            self.errors += rendered.errors
+            self.records_in += counts.records_in
+            self.records_out += counts.records_out
+            self.files += counts.files
+            self.bytes_out += counts.bytes_out
+            self.duplicates += counts.duplicates
+            self.errors += counts.errors
 
 
 class ShardReader(threading.Thread):
@@ -257,21 +257,9 @@ class ShardReader(threading.Thread):
         else:
             store.plan(self.lease, batch.last, rendered.keys)
         self.vortex.upload(rendered)
-        store.commit(
-            self.lease,
-            batch.last,
-            BatchCounts(
-                records_in=rendered.records_in,
-                bytes_in=rendered.bytes_in,
-                records_out=rendered.records_out,
-                bytes_out=rendered.bytes_out,
-                files=len(rendered.objects),
-                duplicates=rendered.duplicates,
-                errors=rendered.errors,
-            ),
-            self.millis_behind,
-        )
-        self.vortex.totals.add(rendered)
+        counts = rendered.counts()
+        store.commit(self.lease, batch.last, counts, self.millis_behind)
+        self.vortex.totals.add(counts)
         for obj in rendered.objects:
             log.info(
                 "%s",

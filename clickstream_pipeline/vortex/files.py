@@ -19,6 +19,7 @@ import orjson
 
 from clickstream_pipeline.layout import hour_floor, hour_path, raw_key
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.vortex.leases import BatchCounts
 from clickstream_pipeline.vortex.routing import Routed, Unroutable, route
 
 ERRORS_PREFIX = "errors"
@@ -111,6 +112,18 @@ class RenderedBatch:
     @property
     def bytes_out(self) -> int:
         return sum(len(obj.body) for obj in self.objects)
+
+    def counts(self) -> BatchCounts:
+        """What committing this batch adds to its shard's counters."""
+        return BatchCounts(
+            records_in=self.records_in,
+            bytes_in=self.bytes_in,
+            records_out=self.records_out,
+            bytes_out=self.bytes_out,
+            files=len(self.objects),
+            duplicates=self.duplicates,
+            errors=self.errors,
+        )
 
 
 def _line(data: bytes) -> bytes:
