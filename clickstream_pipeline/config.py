@@ -15,6 +15,22 @@ _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
+def secret_from_env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret from ``name``, or from the file ``name_FILE`` names (a mounted Kubernetes
+    Secret, read at each call so a rotated Secret takes effect); None when neither is set."""
+    env = os.environ if environ is None else environ
+    if env.get(name):
+        return env[name].strip()
+    path = env.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError as error:
+        raise ClickstreamError(f"cannot read {name}_FILE {path}: {error.strerror}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the pipeline reads from and writes to (``CLICKSTREAM_*`` variables)."""

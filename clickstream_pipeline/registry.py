@@ -6,20 +6,27 @@ The default backend is a YAML file::
       acme:
         events: [add_to_cart, page_view]
 
-Other backends (a PostgreSQL table, an HTTP service) plug in behind ``RegistryBackend``.
+Other backends plug in behind ``RegistryBackend``: PostgreSQL (``registry_postgres``, an
+append-only history) and the registry API over HTTP (``registry_http``, served by
+``registry_service``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import getpass
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+import orjson
 import yaml
 
 from clickstream_pipeline.errors import ClickstreamError
@@ -96,8 +103,41 @@ class Registry:
         return Registry.from_mapping(mapping)
 
 
+@dataclass(frozen=True)
+class Change:
+    """One row of the history."""
+
+    id: int
+    changed_at: datetime
+    actor: str
+    origin: str
+    action: str
+    customer: str
+    event: str
+
+
+def default_actor() -> str:
+    """Who is changing the registry: CLICKSTREAM_REGISTRY_ACTOR, else the OS user."""
+    explicit = os.environ.get("CLICKSTREAM_REGISTRY_ACTOR")
+    if explicit:
+        return explicit
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def registry_etag(registry: Registry) -> str:
+    """The registry's entity tag: the same registry always has the same tag, on any backend."""
+    digest = hashlib.sha256(orjson.dumps(registry.customers)).hexdigest()
+    return f'"{digest[:32]}"'
+
+
 class RegistryBackend(Protocol):
-    """Where a registry is stored. ``save`` may raise ClickstreamError for read-only backends."""
+    """Where a registry is stored.
+
+    ``actor`` and ``origin`` name who makes a change and from where, for backends that keep a
+    history (default: the current user and host); others ignore them."""
 
     @property
     def location(self) -> str: ...
@@ -106,7 +146,17 @@ class RegistryBackend(Protocol):
 
     def save(self, registry: Registry) -> None: ...
 
-    def edit(self) -> contextlib.AbstractContextManager[RegistryEdit]: ...
+    def edit(
+        self, actor: str | None = None, origin: str | None = None
+    ) -> contextlib.AbstractContextManager[RegistryEdit]: ...
+
+    def add(
+        self, customer: str, events: Iterable[str], actor: str | None = None
+    ) -> tuple[str, ...]: ...
+
+    def remove(
+        self, customer: str, events: Iterable[str] = (), actor: str | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -114,6 +164,30 @@ class RegistryEdit:
     """A registry being edited under the backend's lock; assign ``registry`` to change it."""
 
     registry: Registry
+
+
+class EditableRegistry:
+    """``add`` and ``remove`` as one ``edit`` each; a backend with finer writes overrides them."""
+
+    def edit(
+        self, actor: str | None = None, origin: str | None = None
+    ) -> contextlib.AbstractContextManager[RegistryEdit]:
+        raise NotImplementedError
+
+    def add(
+        self, customer: str, events: Iterable[str], actor: str | None = None
+    ) -> tuple[str, ...]:
+        """Register ``events`` for ``customer`` (created if new); the events that were new."""
+        events = tuple(events)
+        with self.edit(actor=actor) as edit:
+            before = set(edit.registry.streams)
+            edit.registry = edit.registry.with_added(customer, events)
+        return tuple(e for e in dict.fromkeys(events) if Stream(customer, e) not in before)
+
+    def remove(self, customer: str, events: Iterable[str] = (), actor: str | None = None) -> None:
+        """Unregister ``events`` of ``customer``, or the whole customer if none are given."""
+        with self.edit(actor=actor) as edit:
+            edit.registry = edit.registry.with_removed(customer, events)
 
 
 def parse_registry(text: str, source: str) -> Registry:
@@ -158,7 +232,7 @@ def dump_registry(registry: Registry) -> str:
     return "\n".join(lines) + "\n"
 
 
-class YamlFileRegistry:
+class YamlFileRegistry(EditableRegistry):
     """A registry stored in a YAML file; edits are locked and written atomically."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -200,8 +274,9 @@ class YamlFileRegistry:
             raise
 
     @contextlib.contextmanager
-    def edit(self) -> Iterator[RegistryEdit]:
-        """Read-modify-write under an exclusive lock so concurrent edits never lose an entry."""
+    def edit(self, actor: str | None = None, origin: str | None = None) -> Iterator[RegistryEdit]:
+        """Read-modify-write under an exclusive lock so concurrent edits never lose an entry.
+        (A file keeps no history: ``actor`` and ``origin`` are not recorded.)"""
         lock_path = self.path.with_name(f".{self.path.name}.lock")
         try:
             lock_file = open(lock_path, "a")
@@ -217,18 +292,35 @@ class YamlFileRegistry:
 
 
 def registry_backend(location: str | None = None) -> RegistryBackend:
-    """The backend for a registry location (``CLICKSTREAM_REGISTRY``): a YAML file path, or a
-    ``postgresql://`` URL (an append-only history in the ``clickstream`` schema)."""
+    """The backend for a registry location (``CLICKSTREAM_REGISTRY``): a YAML file path, a
+    ``postgresql://`` URL (an append-only history in the ``clickstream`` schema), or the
+    ``http(s)://`` URL of the registry API (with the token in ``CLICKSTREAM_REGISTRY_TOKEN``).
+
+    Backends are kept per location and token for the process's life: a sensor asking every
+    tick reuses the connections and the snapshot it already has."""
+    from clickstream_pipeline.config import secret_from_env
+
     location = location or os.environ.get("CLICKSTREAM_REGISTRY") or DEFAULT_REGISTRY
+    scheme = location.partition("://")[0] if "://" in location else ""
+    token = secret_from_env("CLICKSTREAM_REGISTRY_TOKEN") if scheme in ("http", "https") else None
+    return _backend(location, token)
+
+
+@functools.lru_cache(maxsize=32)
+def _backend(location: str, token: str | None) -> RegistryBackend:
     scheme, sep, _ = location.partition("://")
     if scheme in ("postgresql", "postgres") and sep:
         from clickstream_pipeline.registry_postgres import PostgresRegistry
 
         return PostgresRegistry(location)
+    if scheme in ("http", "https") and sep:
+        from clickstream_pipeline.registry_http import HttpRegistry
+
+        return HttpRegistry(location, token)
     if sep and scheme != "file":
         raise ClickstreamError(
-            f"unsupported registry location {location!r}: use a YAML file path or a "
-            "postgresql:// URL"
+            f"unsupported registry location {location!r}: use a YAML file path, a "
+            "postgresql:// URL or the registry API's http(s):// URL"
         )
     return YamlFileRegistry(location.removeprefix("file://"))
 

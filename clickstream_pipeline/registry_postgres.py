@@ -5,24 +5,34 @@
 updated or deleted. The current registry is every stream whose latest change is an add,
 customers and events in the order they were (last) added. Edits run in one transaction under an
 advisory lock: two writers at once both land, one after the other, and neither is lost.
+
+A backend keeps a few pooled connections and the registry it last derived, tagged with the newest
+change's id: a read that finds no newer change is one indexed query. Every insert happens under
+the lock, held to commit, so ids are committed in order and the newest id names the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
-import os
 import socket
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg2
+import psycopg2.extras
+import sqlalchemy
+import sqlalchemy.exc
 
 from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.names import Stream
-from clickstream_pipeline.registry import Registry, RegistryEdit
+from clickstream_pipeline.registry import (
+    Change,
+    EditableRegistry,
+    Registry,
+    RegistryEdit,
+    default_actor,
+)
 
 SCHEMA = "clickstream"
 
@@ -50,39 +60,19 @@ SELECT customer, event, id FROM (
 """
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('clickstream.registry', 0))"
+_VERSION = f"SELECT coalesce(max(id), 0) FROM {SCHEMA}.registry_changes"
 
 
-@dataclass(frozen=True)
-class Change:
-    """One row of the history."""
-
-    id: int
-    changed_at: datetime
-    actor: str
-    origin: str
-    action: str
-    customer: str
-    event: str
-
-
-def default_actor() -> str:
-    """Who is changing the registry: CLICKSTREAM_REGISTRY_ACTOR, else the OS user."""
-    explicit = os.environ.get("CLICKSTREAM_REGISTRY_ACTOR")
-    if explicit:
-        return explicit
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
-class PostgresRegistry:
+class PostgresRegistry(EditableRegistry):
     """A registry kept as a history of changes in a PostgreSQL database."""
 
     def __init__(self, url: str, actor: str | None = None, origin: str | None = None) -> None:
         self.url = url
-        self.actor = actor or default_actor()
-        self.origin = origin or socket.gethostname()
+        self.actor = actor
+        self.origin = origin
+        self._engine: sqlalchemy.Engine | None = None
+        self._engine_lock = threading.Lock()
+        self._snapshot: tuple[int, Registry] | None = None  # (newest change id, registry)
 
     @property
     def location(self) -> str:
@@ -90,48 +80,83 @@ class PostgresRegistry:
         scheme, _, rest = self.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
 
+    def _pool(self) -> sqlalchemy.Engine:
+        with self._engine_lock:
+            if self._engine is None:
+                # SQLAlchemy's pool only: connections checked before use (a restarted server
+                # costs one retry, not an error), at most 2 kept idle, 10 more under load.
+                self._engine = sqlalchemy.create_engine(
+                    "postgresql+psycopg2://",
+                    creator=lambda: psycopg2.connect(
+                        self.url, application_name="clickstream-registry", connect_timeout=10
+                    ),
+                    pool_size=2,
+                    max_overflow=10,
+                    pool_timeout=30,
+                    pool_pre_ping=True,
+                )
+            return self._engine
+
+    def close(self) -> None:
+        """Close the pooled connections (a later call opens new ones)."""
+        with self._engine_lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
         try:
-            conn = psycopg2.connect(self.url, application_name="clickstream-registry")
-        except psycopg2.OperationalError as error:
+            conn = self._pool().raw_connection()
+        except (psycopg2.Error, sqlalchemy.exc.DBAPIError, sqlalchemy.exc.TimeoutError) as error:
+            cause = getattr(error, "orig", None) or error
             raise ClickstreamError(
-                f"cannot connect to the registry at {self.location}: {first_line(error)}"
+                f"cannot connect to the registry at {self.location}: {first_line(cause)}"
             ) from None
         try:
-            with conn, conn.cursor() as cur:
+            with conn.driver_connection as transaction, transaction.cursor() as cur:
                 yield cur
         except psycopg2.Error as error:
             raise ClickstreamError(f"registry at {self.location}: {first_line(error)}") from None
         finally:
-            conn.close()
+            conn.close()  # back to the pool
 
     @staticmethod
     def _exists(cur: Any) -> bool:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{SCHEMA}.registry_changes",))
         return bool(cur.fetchone()[0])
 
-    @staticmethod
-    def _current(cur: Any) -> Registry:
+    def _current(self, cur: Any) -> Registry:
+        """The registry now, derived again only when a change has been made since the last."""
+        cur.execute(_VERSION)
+        version = cur.fetchone()[0]
+        snapshot = self._snapshot
+        if snapshot is not None and snapshot[0] == version:
+            return snapshot[1]
         cur.execute(_CURRENT)
         customers: dict[str, list[str]] = {}
         for customer, event, _ in cur.fetchall():
             customers.setdefault(customer, []).append(event)
-        return Registry.from_mapping(customers)
+        registry = Registry.from_mapping(customers)
+        self._snapshot = (version, registry)
+        return registry
 
     def load(self) -> Registry:
         """The current registry (empty before the first change; reading creates nothing)."""
         with self._transaction() as cur:
-            return self._current(cur) if self._exists(cur) else Registry()
+            if self._snapshot is None and not self._exists(cur):
+                return Registry()
+            return self._current(cur)
 
     def save(self, registry: Registry) -> None:
         with self.edit() as edit:
             edit.registry = registry
 
     @contextlib.contextmanager
-    def edit(self) -> Iterator[RegistryEdit]:
+    def edit(self, actor: str | None = None, origin: str | None = None) -> Iterator[RegistryEdit]:
         """Read, change and record under the registry's lock, in one transaction: the
-        difference becomes history rows (removals, then additions in the registry's order)."""
+        difference becomes history rows (removals, then additions in the registry's order),
+        made by ``actor`` from ``origin`` (default: this backend's, else the user and host)."""
         with self._transaction() as cur:
             if not self._exists(cur):
                 cur.execute(_LOCK)
@@ -148,10 +173,13 @@ class PostgresRegistry:
                 if Stream(customer, event) not in before
             ]
             if rows:
-                cur.executemany(
+                who = actor or self.actor or default_actor()
+                where = origin or self.origin or socket.gethostname()
+                psycopg2.extras.execute_values(
+                    cur,
                     f"INSERT INTO {SCHEMA}.registry_changes "
-                    "(actor, origin, action, customer, event) VALUES (%s, %s, %s, %s, %s)",
-                    [(self.actor, self.origin, *row) for row in rows],
+                    "(actor, origin, action, customer, event) VALUES %s",
+                    [(who, where, *row) for row in rows],
                 )
 
     def history(self, limit: int | None = None) -> list[Change]:

@@ -12,6 +12,7 @@ import pytest
 
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.s3 import s3_client
+from clickstream_pipeline_tests.helpers import new_database
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +79,15 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
 def pipeline(local_stack: dict[str, str], bucket: str, registry_path: Path) -> dict[str, str]:
     """The whole pipeline's environment: a fresh bucket and registry over the session's servers."""
     return {**local_stack, "CLICKSTREAM_BUCKET": bucket, "CLICKSTREAM_REGISTRY": str(registry_path)}
+
+
+@pytest.fixture
+def registry_url(local_stack: dict[str, str]) -> Iterator[str]:
+    """A database of its own: the registry's tables start absent."""
+    name = f"reg_{uuid.uuid4().hex[:10]}"
+    yield new_database(local_stack["CLICKSTREAM_WAREHOUSE_URL"], name)
+    conn = psycopg2.connect(local_stack["CLICKSTREAM_WAREHOUSE_URL"])
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    conn.close()

@@ -17,6 +17,7 @@ import dagster as dg
 import orjson
 import psycopg2
 import pytest
+import requests
 
 from clickstream_pipeline.definitions import build_defs
 from clickstream_pipeline.layout import hour_floor, load_key, raw_key
@@ -203,5 +204,54 @@ def attempt(action: Callable[[], T]) -> T | None:
     """The action's value, or None while its server or table is not there yet."""
     try:
         return action()
-    except (OSError, psycopg2.Error):
+    except (OSError, psycopg2.Error):  # requests' errors are OSErrors
         return None
+
+
+READ_TOKEN, WRITE_TOKEN = "read-token-0123456789", "write-token-0123456789"
+
+
+@contextmanager
+def registry_server(
+    backend: str, port: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``clickstream registry serve`` over ``backend`` with READ_TOKEN and WRITE_TOKEN (``env``
+    adds to or overrides them), in a process of its own, answering; yields its URL and stops it
+    on exit."""
+    port = port or free_port()
+    env = {
+        **os.environ,
+        "CLICKSTREAM_REGISTRY_BACKEND": backend,
+        "CLICKSTREAM_REGISTRY_READ_TOKEN": READ_TOKEN,
+        "CLICKSTREAM_REGISTRY_WRITE_TOKEN": WRITE_TOKEN,
+        **(env or {}),
+    }
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clickstream_pipeline.cli",
+            "registry",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: (
+                attempt(lambda: requests.get(f"{url}/healthz", timeout=5).ok)
+                or server.poll() is not None
+            ),
+            "the registry API",
+            timeout=60,
+        )
+        assert server.poll() is None, "the registry API exited"
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)

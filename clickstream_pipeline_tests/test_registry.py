@@ -110,8 +110,9 @@ def test_backend_comes_from_the_environment(
     monkeypatch.delenv("CLICKSTREAM_REGISTRY")
     assert registry_backend().location == "registry.yaml"
     assert registry_backend("file:///etc/r.yaml").location == "/etc/r.yaml"
-    with pytest.raises(ClickstreamError, match="unsupported registry location 'http://houston/'"):
-        registry_backend("http://houston/")
+    assert registry_backend("https://houston.example/").location == "https://houston.example"
+    with pytest.raises(ClickstreamError, match="unsupported registry location 'ftp://houston/'"):
+        registry_backend("ftp://houston/")
 
 
 def test_add_and_remove_keep_other_entries() -> None:

@@ -4,30 +4,15 @@ append-only history, and concurrent writers that all land."""
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry, load_registry, registry_backend
 from clickstream_pipeline.registry_postgres import PostgresRegistry
-from clickstream_pipeline_tests.helpers import new_database, run_cli
-
-
-@pytest.fixture
-def registry_url(local_stack: dict[str, str]) -> Iterator[str]:
-    """A database of its own: the registry's tables start absent."""
-    name = f"reg_{uuid.uuid4().hex[:10]}"
-    yield new_database(local_stack["CLICKSTREAM_WAREHOUSE_URL"], name)
-    conn = psycopg2.connect(local_stack["CLICKSTREAM_WAREHOUSE_URL"])
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
-    conn.close()
+from clickstream_pipeline_tests.helpers import run_cli
 
 
 def test_edits_are_history_and_the_registry_is_derived_from_it(registry_url: str) -> None:
@@ -119,7 +104,8 @@ def test_history_of_a_file_registry_is_one_line(registry_path: object) -> None:
     assert done.returncode == 1
     assert done.stderr.strip().startswith("clickstream: error: the registry in ")
     assert done.stderr.strip().endswith(
-        "keeps no history: a postgresql:// registry (CLICKSTREAM_REGISTRY) does"
+        "keeps no history: a postgresql:// registry (CLICKSTREAM_REGISTRY), "
+        "or the API over one, does"
     )
 
 

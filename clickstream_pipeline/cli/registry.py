@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -16,9 +15,6 @@ from clickstream_pipeline.cli.app import (
 )
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.registry import YamlFileRegistry, dump_registry, registry_backend
-
-if TYPE_CHECKING:
-    pass
 
 
 @cli.group()
@@ -39,9 +35,15 @@ def registry_list() -> None:
 def registry_add(customer: str, events: tuple[str, ...]) -> None:
     """Register EVENTS for CUSTOMER (created if new); they load from the next sensor tick."""
     backend = registry_backend()
-    with backend.edit() as edit:
-        edit.registry = edit.registry.with_added(customer, events)
-    err.print(f"registered {', '.join(f'{customer}.{e}' for e in events)} in {backend.location}")
+    added = backend.add(customer, events)
+    if added:
+        err.print(f"registered {', '.join(f'{customer}.{e}' for e in added)} in {backend.location}")
+    already = [e for e in dict.fromkeys(events) if e not in added]
+    if already:
+        err.print(
+            f"already registered in {backend.location}: "
+            + ", ".join(f"{customer}.{e}" for e in already)
+        )
 
 
 @registry.command("remove")
@@ -53,8 +55,7 @@ def registry_remove(customer: str, events: tuple[str, ...]) -> None:
     Raw files and warehouse tables are kept; adding the stream back resumes loading.
     """
     backend = registry_backend()
-    with backend.edit() as edit:
-        edit.registry = edit.registry.with_removed(customer, events)
+    backend.remove(customer, events)
     removed = ", ".join(f"{customer}.{e}" for e in events) if events else f"customer {customer}"
     err.print(f"removed {removed} from {backend.location}")
 
@@ -65,18 +66,17 @@ def registry_remove(customer: str, events: tuple[str, ...]) -> None:
 )
 def registry_history(limit: int) -> None:
     """Print the registry's changes, newest first: when, who, from where, what."""
-    from clickstream_pipeline.registry_postgres import PostgresRegistry
-
     backend = registry_backend()
-    if not isinstance(backend, PostgresRegistry):
+    history = getattr(backend, "history", None)
+    if history is None:
         raise ClickstreamError(
             f"the registry in {backend.location} keeps no history: "
-            "a postgresql:// registry (CLICKSTREAM_REGISTRY) does"
+            "a postgresql:// registry (CLICKSTREAM_REGISTRY), or the API over one, does"
         )
     table = Table(title=f"registry history ({backend.location})", title_justify="left")
     for column in ("#", "when (UTC)", "who", "from", "change"):
         table.add_column(column)
-    for change in backend.history(limit):
+    for change in history(limit):
         table.add_row(
             str(change.id),
             f"{change.changed_at.astimezone(UTC):%Y-%m-%d %H:%M:%S}",
@@ -122,3 +122,50 @@ def registry_import(file: str, replace: bool) -> None:
 def registry_export() -> None:
     """Print the registry as YAML (the file registry's format), for review or another backend."""
     out.print(dump_registry(registry_backend().load()), end="", markup=False, soft_wrap=True)
+
+
+@registry.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8080, show_default=True, type=click.IntRange(1, 65535), help="TCP port."
+)
+def registry_serve(host: str, port: int) -> None:
+    """Serve the registry API over CLICKSTREAM_REGISTRY_BACKEND (default: CLICKSTREAM_REGISTRY).
+
+    Clients set CLICKSTREAM_REGISTRY=http(s)://<host>:<port> and CLICKSTREAM_REGISTRY_TOKEN.
+    Tokens: CLICKSTREAM_REGISTRY_READ_TOKEN and CLICKSTREAM_REGISTRY_WRITE_TOKEN (or *_FILE,
+    a mounted Secret); at least one is required. The OpenAPI document is at /openapi.json.
+    """
+    import os
+
+    import uvicorn
+
+    from clickstream_pipeline.registry_service import READ_TOKEN, WRITE_TOKEN, Tokens, create_app
+
+    location = os.environ.get("CLICKSTREAM_REGISTRY_BACKEND") or os.environ.get(
+        "CLICKSTREAM_REGISTRY", ""
+    )
+    if location.startswith(("http://", "https://")):
+        raise ClickstreamError(
+            f"the registry API cannot serve another registry API ({location}): set "
+            "CLICKSTREAM_REGISTRY_BACKEND to a postgresql:// URL or a YAML file"
+        )
+    tokens = Tokens()
+    if not tokens.configured():
+        raise ClickstreamError(
+            f"no tokens: set {WRITE_TOKEN} (and {READ_TOKEN} for read-only clients), or their "
+            "_FILE forms naming a mounted Secret"
+        )
+    backend = registry_backend(location or None)
+    err.print(
+        f"serving the registry in {backend.location} on http://{host}:{port} "
+        "(OpenAPI at /openapi.json)"
+    )
+    uvicorn.run(
+        create_app(backend, tokens),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=True,
+        timeout_graceful_shutdown=10,
+    )
