@@ -4,11 +4,14 @@ The code server reads the registry once as it loads and keeps that snapshot in t
 reconstruction metadata; a run worker rebuilds the same definitions from the snapshot of the code
 server that launched its run, never from the registry, so a table removed while a run is in
 flight does not fail it. A registry change reaches a running deployment through the
-``registry_sync_sensor``, which reloads the location.
+``registry_sync_sensor``, which reloads the location. A registry service (the API, PostgreSQL)
+that is down as the location loads leaves it built from the last registry read from it
+(``registry_snapshot``), so the location stays loaded.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import dagster as dg
@@ -17,6 +20,7 @@ from dagster._core.definitions.definitions_load_context import (
     StateBackedDefinitionsLoader,
 )
 
+from clickstream_pipeline import registry_snapshot
 from clickstream_pipeline.alerts import (
     AlertResource,
     load_failure_alert_sensor,
@@ -25,6 +29,7 @@ from clickstream_pipeline.alerts import (
 )
 from clickstream_pipeline.assets import table_assets
 from clickstream_pipeline.config import Settings
+from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.jobs import load_partitions_job
 from clickstream_pipeline.registry import Registry, dump_registry, load_registry, parse_registry
 from clickstream_pipeline.resources import (
@@ -78,7 +83,23 @@ class RegistryDefinitionsLoader(StateBackedDefinitionsLoader[str]):
         return SNAPSHOT_KEY
 
     def fetch_state(self) -> str:
-        return dump_registry(load_registry(missing_ok=True))
+        """The registry now; if a registry service is down, the last one read from it."""
+        location = Settings.from_env().registry
+        try:
+            registry = load_registry(location, missing_ok=True)
+        except ClickstreamError as error:
+            snapshot = (
+                registry_snapshot.last_good() if registry_snapshot.is_service(location) else None
+            )
+            if snapshot is None:
+                raise
+            logging.getLogger(__name__).warning(
+                "registry unreachable (%s): %s", first_line(error), snapshot.describe()
+            )
+            return dump_registry(snapshot.registry)
+        if registry_snapshot.is_service(location):
+            registry_snapshot.remember(registry, location)
+        return dump_registry(registry)
 
     def defs_from_state(self, state: str) -> dg.Definitions:
         registry = parse_registry(state, "snapshot in the code location")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from clickstream_pipeline import registry_snapshot
 from clickstream_pipeline.config import Settings
 from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.registry import registry_backend
@@ -16,11 +17,17 @@ from clickstream_pipeline.s3 import s3_client
 
 @dataclass(frozen=True)
 class Check:
-    """One component's state: ``ok``, and a one-line detail either way."""
+    """One component's state: ``ok``, and a one-line detail either way. A ``stale`` component
+    is down but the pipeline works around it (a registry service: its last snapshot)."""
 
     name: str
     ok: bool
     detail: str
+    stale: bool = False
+
+    @property
+    def state(self) -> str:
+        return "up" if self.ok else "STALE" if self.stale else "DOWN"
 
 
 def _guarded(name: str, probe: Callable[[], str]) -> Check:
@@ -31,11 +38,23 @@ def _guarded(name: str, probe: Callable[[], str]) -> Check:
 
 
 def check_registry(settings: Settings) -> Check:
+    """The registry answers; if a registry service does not, whether the code location has a
+    snapshot of it to serve (then the registry is stale rather than down)."""
+
     def probe() -> str:
         backend = registry_backend(settings.registry)
         return f"{len(backend.load().streams)} streams in {backend.location}"
 
-    return _guarded("registry", probe)
+    check = _guarded("registry", probe)
+    if check.ok or not registry_snapshot.is_service(settings.registry):
+        return check
+    try:
+        snapshot = registry_snapshot.last_good()
+    except Exception as error:  # the instance itself may be down: say so, keep the first cause
+        return Check("registry", False, f"{check.detail}; no snapshot: {first_line(error)}")
+    if snapshot is None:
+        return check
+    return Check("registry", False, f"{check.detail}; {snapshot.describe()}", stale=True)
 
 
 def check_s3(settings: Settings) -> Check:

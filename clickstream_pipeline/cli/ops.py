@@ -78,8 +78,8 @@ def health(daemon: bool) -> None:
     for column in ("component", "state", "detail"):
         table.add_column(column)
     for check in checks:
-        table.add_row(check.name, "up" if check.ok else "DOWN", check.detail)
+        table.add_row(check.name, check.state, check.detail)
     out.print(table)
-    down = [check.name for check in checks if not check.ok]
+    down = [f"{check.name}{' (stale)' if check.stale else ''}" for check in checks if not check.ok]
     if down:
         raise ClickstreamError(f"down: {', '.join(down)}")
