@@ -113,8 +113,10 @@ class PostgresRegistry(EditableRegistry):
             raise ClickstreamError(
                 f"cannot connect to the registry at {self.location}: {first_line(cause)}"
             ) from None
+        transaction = conn.driver_connection  # the psycopg2 connection the pool holds
+        assert transaction is not None
         try:
-            with conn.driver_connection as transaction, transaction.cursor() as cur:
+            with transaction, transaction.cursor() as cur:
                 yield cur
         except psycopg2.Error as error:
             raise ClickstreamError(f"registry at {self.location}: {first_line(error)}") from None

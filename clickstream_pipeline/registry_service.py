@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
@@ -74,7 +74,7 @@ class JSONResponse(Response):
         return content if isinstance(content, bytes) else orjson.dumps(content)
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
