@@ -246,7 +246,7 @@ def kubernetes_objects(values: dict[str, Any]) -> list[tuple[str, type, dict[str
 
 def test_kubernetes_objects_in_the_values_are_valid(values: dict[str, Any]) -> None:
     objects = kubernetes_objects(values)
-    assert len(objects) == 27
+    assert len(objects) == 28
     for _name, model, spec in objects:
         k8s_object(model, spec)  # raises on an unknown field or a missing required one
     (deployment,) = values["dagster-user-deployments"]["deployments"]
