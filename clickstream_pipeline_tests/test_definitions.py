@@ -16,6 +16,7 @@ from dagster._core.definitions.reconstruct import (
     reconstruct_repository_def_from_pointer,
 )
 
+from clickstream_pipeline import registry_snapshot
 from clickstream_pipeline.assets import TABLES_ASSET
 from clickstream_pipeline.batch import QUARANTINE_CHECK
 from clickstream_pipeline.definitions import defs
@@ -23,6 +24,7 @@ from clickstream_pipeline.metrics import SENSORS
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.partitions import hourly_partitions
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
+from clickstream_pipeline.registry_postgres import PostgresRegistry
 from clickstream_pipeline_tests.helpers import defs_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +132,33 @@ def test_every_warehouse_writer_is_in_the_warehouse_pool() -> None:
     assert [node.definition.pools for node in job.graph.node_dict.values()] == [{"warehouse"}]
     tables = loaded.get_assets_def(dg.AssetKey(["acme", "page_view"]))
     assert (tables.op.name, tables.op.pool) == (TABLES_ASSET, "warehouse")
+
+
+def test_a_registry_service_that_is_down_serves_the_last_good_snapshot(
+    registry_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dagster.yaml").touch()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # an instance of its own (SQLite)
+    monkeypatch.setenv("CLICKSTREAM_REGISTRY", registry_url)
+    PostgresRegistry(registry_url).save(Registry.from_mapping({"acme": ["page_view", "signup"]}))
+    assert "acme/signup" in loaded_keys()  # read, and kept as the last good registry
+
+    down = "postgresql://nobody@127.0.0.1:1/registry"
+    assert registry_snapshot.last_good() is not None
+    monkeypatch.setenv("CLICKSTREAM_REGISTRY", down)
+    assert loaded_keys() >= {"acme/page_view", "acme/signup"}
+    snapshot = registry_snapshot.last_good()
+    assert snapshot is not None and snapshot.location.startswith("postgresql://")
+
+    # Without a snapshot (another instance), the load fails in one line.
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "other"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "dagster.yaml").touch()
+    with pytest.raises(
+        Exception, match=r"cannot connect to the registry at postgresql://127\.0\.0\.1:1/"
+    ):
+        defs()
+
+
+def loaded_keys() -> set[str]:
+    return {key.to_user_string() for key in defs().resolve_all_asset_keys()}
