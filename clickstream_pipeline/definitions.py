@@ -31,7 +31,13 @@ from clickstream_pipeline.assets import table_assets
 from clickstream_pipeline.config import Settings
 from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.jobs import load_partitions_job
-from clickstream_pipeline.registry import Registry, dump_registry, load_registry, parse_registry
+from clickstream_pipeline.registry import (
+    Registry,
+    dump_registry,
+    load_registry,
+    parse_registry,
+    registry_backend,
+)
 from clickstream_pipeline.resources import (
     DiscoveryResource,
     RegistryResource,
@@ -98,7 +104,8 @@ class RegistryDefinitionsLoader(StateBackedDefinitionsLoader[str]):
             )
             return dump_registry(snapshot.registry)
         if registry_snapshot.is_service(location):
-            registry_snapshot.remember(registry, location)
+            # Where it was read from, without credentials: the snapshot is shown and logged.
+            registry_snapshot.remember(registry, registry_backend(location).location)
         return dump_registry(registry)
 
     def defs_from_state(self, state: str) -> dg.Definitions:
