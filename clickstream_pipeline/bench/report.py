@@ -188,6 +188,85 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 ends["rows_loaded"] == ends["unique_valid_events"],
             )
         )
+    # The registry API's goals are in its own section (registry_goals).
+    return rows
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:,.1f} s" if value >= 1000 else f"{value:.1f} ms"
+
+
+REGISTRY_P99_MS = 50
+
+
+def registry_goals(registry: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(goal, target, measured, met) for the registry API's loads and a sensor tick's read."""
+    rows: list[tuple[str, str, str, bool]] = []
+    loads = registry["loads"]
+    labels = {
+        "reads_small": ("reads", "registry API reads (GET /customers), {streams:,} streams"),
+        "reads": ("reads", "registry API reads (GET /customers), {streams:,} streams"),
+        "writes": ("writes", "registry API writes (PUT, 1 in 3 DELETE), {streams:,} streams"),
+    }
+    entries = [(name, kind, label) for name, (kind, label) in labels.items() if name in loads]
+    if "mixed" in loads:
+        mixed = loads["mixed"]
+        entries += [
+            (
+                "mixed",
+                "reads",
+                f"registry API reads beside {mixed['writes']['target_per_second']:,.0f}"
+                " writes/s, {streams:,} streams",
+            ),
+            (
+                "mixed",
+                "writes",
+                f"registry API writes beside {mixed['reads']['target_per_second']:,.0f}"
+                " reads/s, {streams:,} streams",
+            ),
+        ]
+    for name, kind, label in entries:
+        load = loads[name]
+        figures = load[kind]
+        rate = figures["target_per_second"]
+        p99 = figures["p99_ms"]
+        met = (
+            p99 is not None
+            and p99 <= REGISTRY_P99_MS
+            and figures["errors"] == 0
+            and figures["achieved_per_second"] >= 0.99 * rate
+        )
+        rows.append(
+            (
+                f"{label.format(streams=load['streams'])}, {rate:,.0f}/s: p99",
+                f"<= {REGISTRY_P99_MS} ms",
+                f"{_ms(p99)} ({figures['achieved_per_second']:,.0f}/s answered, "
+                + (
+                    f"{load['writes_committed_per_second']:,.0f}/s committed, "
+                    if kind == "writes" and "writes_committed_per_second" in load
+                    else ""
+                )
+                + f"{figures['errors']:,} errors)",
+                met,
+            )
+        )
+    tick = registry.get("sensor_tick")
+    if tick:
+        for kind, label in (("http", "through the API"), ("postgresql", "from postgresql://")):
+            reads = tick[kind]
+            worst = max(reads[k]["p99_ms"] for k in ("first", "unchanged", "after_a_change"))
+            rows.append(
+                (
+                    f"a sensor tick's registry read {label}, {reads['streams']:,} streams: p99",
+                    f"<= {REGISTRY_P99_MS} ms",
+                    f"{_ms(reads['unchanged']['p99_ms'])} unchanged, "
+                    f"{_ms(reads['after_a_change']['p99_ms'])} after a change, "
+                    f"{_ms(reads['first']['p99_ms'])} first",
+                    worst <= REGISTRY_P99_MS,
+                )
+            )
     return rows
 
 
@@ -353,7 +432,155 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
                 f"| {stage['cpu_seconds']} |"
             )
         lines.append(f"| total | {ends['total_seconds']} | | | |")
+    registry = results.get("registry")
+    if registry:
+        lines += registry_markdown(registry)
     return "\n".join(lines) + "\n"
+
+
+def registry_markdown(registry: dict[str, Any]) -> list[str]:
+    """The "Registry API" section: goals, each load's figures, a sensor tick's read, method."""
+    loads = registry["loads"]
+    tick = registry.get("sensor_tick")
+    lines = [
+        "",
+        f"## Registry API: {registry['streams']:,} streams in PostgreSQL, "
+        f"the load generator on the same {registry['cores']} cores",
+        "",
+        *_wrap(
+            "`clickstream registry serve` (one uvicorn process; its sync endpoints run in "
+            "Starlette's thread pool of 40) over a `postgresql://` registry on the embedded "
+            f"PostgreSQL, {registry['customers']} customers x "
+            f"{registry['streams'] // registry['customers']} events, a fresh server process for "
+            "each load. The load generator is one process (asyncio on uvloop, aiohttp) on the "
+            "same machine and runs open loop: requests leave on a fixed schedule whatever the "
+            "answers do, and each latency runs from the request's scheduled send time, so a "
+            "server falling behind shows as the queueing it causes (no coordinated omission). "
+            f"Each load runs {registry['warmup_seconds']:.0f} s of warm-up, then "
+            f"{registry['seconds']:.0f} s measured (the small registry's reads half as long). "
+            "Reads are unconditional `GET /customers` (the whole registry each time); writes are "
+            "`PUT /customers/<c>/events/<new event>`, every third a `DELETE` of an event put a "
+            "second before. Percentiles cover every request of the measured window: one given "
+            "up after 5 s counts at that latency and as an error. CPU is percent of one core "
+            "over the load; `other` is the rest of the machine's (other processes competing for "
+            "the same cores). Committed writes are the history rows the load added, whether or "
+            "not their client still waited for the answer."
+        ),
+        "",
+        "| goal | measured | met |",
+        "|---|---|---|",
+    ]
+    for goal, target, measured, met in registry_goals(registry):
+        lines.append(f"| {goal} {target} | {measured} | {'yes' if met else 'no'} |")
+    lines += [
+        "",
+        "| load | streams | kind | target/s | answered/s | p50 | p95 | p99 | max | errors "
+        "| CPU: server | PostgreSQL | generator | other | PostgreSQL sessions per request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, load in loads.items():
+        cpu = load["cpu_percent_of_a_core"]
+        for kind in ("reads", "writes"):
+            if kind not in load:
+                continue
+            f = load[kind]
+            lines.append(
+                f"| {name.replace('_', ' ')} | {load['streams']:,} | {kind} | "
+                f"{f['target_per_second']:,.0f} | {f['achieved_per_second']:,.0f} | "
+                f"{_ms(f['p50_ms'])} | {_ms(f['p95_ms'])} | {_ms(f['p99_ms'])} | "
+                f"{_ms(f['max_ms'])} | {f['errors']:,} | {cpu['server']} % | {cpu['postgres']} % | "
+                f"{cpu['load_generator']} % | {cpu['other']} % | "
+                f"{load['postgres_sessions_per_request']} |"
+            )
+    if tick:
+        lines += [
+            "",
+            "A sensor tick's registry read: `load_registry(location, missing_ok=True)` as the",
+            "registry-sync sensor calls it, in a process of its own, on an idle server: the first",
+            "read of a new backend (a process's first tick), unchanged reads (the API answers",
+            "304 to the ETag held), and the read after each of a few changes made meanwhile.",
+            "",
+            "| path | first p50 / p99 | unchanged p50 / p99 | after a change p50 / p99 |",
+            "|---|---|---|---|",
+        ]
+        for kind, label in (("http", "through the API"), ("postgresql", "postgresql://")):
+            reads = tick[kind]
+            cells = [
+                f"{_ms(reads[k]['p50_ms'])} / {_ms(reads[k]['p99_ms'])} ({reads[k]['reads']} reads)"
+                for k in ("first", "unchanged", "after_a_change")
+            ]
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines += ["", *_registry_bounds(loads)]
+    return lines
+
+
+def _registry_bounds(loads: dict[str, Any]) -> list[str]:
+    """What bounds the loads, from their figures."""
+    text: list[str] = []
+    reads = loads.get("reads")
+    if reads:
+        per = reads["cpu_ms_per_answered_request"]
+        total = per["server"] + per["postgres"] + per["load_generator"]
+        rate = reads["reads"]["target_per_second"]
+        cores = reads["cpu_percent_of_a_core"]["machine_capacity"] // 100
+        text.append(
+            f"A read costs {per['server']} ms of the server's CPU, {per['postgres']} ms of "
+            f"PostgreSQL's and {per['load_generator']} ms of the generator's "
+            f"({total * rate / 1000:.1f} of the {cores} cores at {rate:,.0f}/s), and asks "
+            "PostgreSQL for the newest change id whatever the registry's size (compare the "
+            f"small registry): {reads['postgres_commits_per_request']} commits per read, a "
+            "pool pre-ping's included."
+        )
+        sessions = reads["postgres_sessions_per_request"]
+        if sessions >= 0.01:
+            text.append(
+                f"PostgreSQL opened a session for every {1 / sessions:.0f} reads: the 40 threads "
+                "share a smaller connection pool, which closes the connections it opens beyond "
+                "its size as soon as they are returned, so threads wait for a connection, or for "
+                "PostgreSQL to fork a backend for a new one; most of the tail latency is that "
+                "wait."
+            )
+    writes = loads.get("writes")
+    if writes:
+        cost = writes.get("server_cpu_ms_per_committed_write")
+        rate = writes["writes"]["target_per_second"]
+        text.append(
+            "Writes are serialized: each holds the registry's advisory lock from its read to its "
+            f"commit. The server committed {writes['writes_committed_per_second']:,} writes/s "
+            f"of the {rate:,.0f}/s sent"
+            + (
+                f" and spent {cost} ms of CPU on each, most of it under that lock (building, "
+                "validating and sorting every stream of the registry three times to compute "
+                "the difference, every name validated again to build the new registry, and "
+                "the registry derived again from the history after each write), so one server "
+                "process "
+                f"cannot commit more than about {1000 / cost:,.0f} writes/s, whatever the cores"
+                if cost
+                else ""
+            )
+            + "; the rest queue, and time out."
+            if writes["writes"]["p99_ms"] > REGISTRY_P99_MS
+            else f"A write cost the server {cost} ms of CPU under the registry's lock."
+        )
+    mixed = loads.get("mixed")
+    if mixed and mixed["reads"]["p99_ms"] > REGISTRY_P99_MS:
+        text.append(
+            "Together, the writes waiting for the registry's lock each hold a thread of the "
+            "pool and a pooled connection, and the reads queue behind them for both."
+        )
+    return _wrap(" ".join(text))
+
+
+def _wrap(text: str, width: int = 95) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + len(word) + 1 > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines
 
 
 def chart(results: dict[str, Any], path: Path) -> bool:
