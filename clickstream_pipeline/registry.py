@@ -58,25 +58,43 @@ class Registry:
     def as_mapping(self) -> dict[str, list[str]]:
         return {customer: list(events) for customer, events in self.customers}
 
-    @property
+    @functools.cached_property
     def streams(self) -> tuple[Stream, ...]:
-        """Every registered stream, sorted by key."""
-        return tuple(
-            sorted(
-                Stream(customer, event) for customer, events in self.customers for event in events
-            )
+        """Every registered stream, sorted by key (computed once: a registry never changes)."""
+        return tuple(Stream(customer, event) for customer, event in sorted(self.pairs))
+
+    @functools.cached_property
+    def pairs(self) -> frozenset[tuple[str, str]]:
+        """Every registered (customer, event)."""
+        return frozenset(
+            (customer, event) for customer, events in self.customers for event in events
         )
 
     def __contains__(self, stream: object) -> bool:
-        return isinstance(stream, Stream) and stream.event in self.as_mapping().get(
-            stream.customer, ()
-        )
+        return isinstance(stream, Stream) and (stream.customer, stream.event) in self.pairs
 
     def with_added(self, customer: str, events: Iterable[str]) -> Registry:
-        """A copy with ``events`` added to ``customer`` (created if new); others untouched."""
-        mapping = self.as_mapping()
-        mapping.setdefault(validate_name(customer, "customer"), []).extend(events)
-        return Registry.from_mapping(mapping)
+        """A copy with ``events`` added to ``customer`` (created if new); others untouched.
+        Only the new names are validated: the others were when this registry was built."""
+        validate_name(customer, "customer")
+        new = tuple(dict.fromkeys(validate_name(e, "event") for e in events))
+        entries, found = [], False
+        for name, existing in self.customers:
+            if name == customer:
+                found = True
+                existing = existing + tuple(e for e in new if e not in existing)
+            entries.append((name, existing))
+        if not found:
+            entries.append((customer, new))
+        return Registry(tuple(entries))
+
+    def sorted(self) -> Registry:
+        """The same streams with customers and events in name order, no customer left empty:
+        the one form every backend that derives its registry (PostgreSQL) answers with."""
+        mapping: dict[str, list[str]] = {}
+        for customer, event in sorted(self.pairs):
+            mapping.setdefault(customer, []).append(event)
+        return Registry(tuple((c, tuple(events)) for c, events in mapping.items()))
 
     def with_streams(self, streams: Iterable[Stream]) -> Registry:
         """A copy with every stream in ``streams`` registered."""

@@ -3,7 +3,8 @@
 ``CLICKSTREAM_REGISTRY=postgresql://...`` selects it. Every change is a row of
 ``clickstream.registry_changes`` (when, who, from where, add or remove, which stream); nothing is
 updated or deleted. The current registry is every stream whose latest change is an add,
-customers and events in the order they were (last) added. Edits run in one transaction under an
+customers and events in name order (``Registry.sorted``: the same on every replica and in every
+export, whatever the history). Edits run in one transaction under an
 advisory lock: two writers at once both land, one after the other, and neither is lost.
 
 A backend keeps a few pooled connections and the registry it last derived, tagged with the newest
@@ -25,7 +26,6 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from clickstream_pipeline.errors import ClickstreamError, first_line
-from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import (
     Change,
     EditableRegistry,
@@ -51,16 +51,19 @@ CREATE INDEX IF NOT EXISTS registry_changes_stream
     ON {SCHEMA}.registry_changes (customer, event, id);
 """
 
-# The registry as of now: each stream's latest change, kept when it is an add.
+# The registry as of now: each stream's latest change, kept when it is an add; in name order.
 _CURRENT = f"""
-SELECT customer, event, id FROM (
-    SELECT DISTINCT ON (customer, event) customer, event, action, id
+SELECT customer, event FROM (
+    SELECT DISTINCT ON (customer, event) customer, event, action
     FROM {SCHEMA}.registry_changes ORDER BY customer, event, id DESC
-) latest WHERE action = 'add' ORDER BY id
+) latest WHERE action = 'add' ORDER BY customer, event
 """
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('clickstream.registry', 0))"
 _VERSION = f"SELECT coalesce(max(id), 0) FROM {SCHEMA}.registry_changes"
+# Connections per backend: the registry API's worker threads (registry_service.WORKERS) each
+# get one without waiting.
+POOL_SIZE = 16
 
 
 class PostgresRegistry(EditableRegistry):
@@ -84,14 +87,15 @@ class PostgresRegistry(EditableRegistry):
         with self._engine_lock:
             if self._engine is None:
                 # SQLAlchemy's pool only: connections checked before use (a restarted server
-                # costs one retry, not an error), at most 2 kept idle, 10 more under load.
+                # costs one retry, not an error), opened as needed up to POOL_SIZE and then kept
+                # (closing and reopening them under load costs more than the queries).
                 self._engine = sqlalchemy.create_engine(
                     "postgresql+psycopg2://",
                     creator=lambda: psycopg2.connect(
                         self.url, application_name="clickstream-registry", connect_timeout=10
                     ),
-                    pool_size=2,
-                    max_overflow=10,
+                    pool_size=POOL_SIZE,
+                    max_overflow=0,
                     pool_timeout=30,
                     pool_pre_ping=True,
                 )
@@ -137,7 +141,7 @@ class PostgresRegistry(EditableRegistry):
             return snapshot[1]
         cur.execute(_CURRENT)
         customers: dict[str, list[str]] = {}
-        for customer, event, _ in cur.fetchall():
+        for customer, event in cur.fetchall():
             customers.setdefault(customer, []).append(event)
         registry = Registry.from_mapping(customers)
         self._snapshot = (version, registry)
@@ -158,7 +162,9 @@ class PostgresRegistry(EditableRegistry):
     def edit(self, actor: str | None = None, origin: str | None = None) -> Iterator[RegistryEdit]:
         """Read, change and record under the registry's lock, in one transaction: the
         difference becomes history rows (removals, then additions in the registry's order),
-        made by ``actor`` from ``origin`` (default: this backend's, else the user and host)."""
+        made by ``actor`` from ``origin`` (default: this backend's, else the user and host).
+        Afterwards ``registry`` is the registry as recorded (in name order)."""
+        written: tuple[int, Registry] | None = None
         with self._transaction() as cur:
             if not self._exists(cur):
                 cur.execute(_LOCK)
@@ -167,22 +173,28 @@ class PostgresRegistry(EditableRegistry):
             current = self._current(cur)
             change = RegistryEdit(current)
             yield change
-            before, after = set(current.streams), set(change.registry.streams)
-            rows = [("remove", s.customer, s.event) for s in current.streams if s not in after] + [
+            before, after = current.pairs, change.registry.pairs
+            rows = [("remove", *pair) for pair in sorted(before - after)] + [
                 ("add", customer, event)
                 for customer, events in change.registry.customers
                 for event in events
-                if Stream(customer, event) not in before
+                if (customer, event) not in before
             ]
             if rows:
                 who = actor or self.actor or default_actor()
                 where = origin or self.origin or socket.gethostname()
-                psycopg2.extras.execute_values(
+                ids = psycopg2.extras.execute_values(
                     cur,
                     f"INSERT INTO {SCHEMA}.registry_changes "
-                    "(actor, origin, action, customer, event) VALUES %s",
+                    "(actor, origin, action, customer, event) VALUES %s RETURNING id",
                     [(who, where, *row) for row in rows],
+                    fetch=True,
                 )
+                # Inserted under the lock, held to commit: the newest id names this registry.
+                written = (max(i for (i,) in ids), change.registry.sorted())
+        if written is not None:  # committed
+            self._snapshot = written
+        change.registry = written[1] if written else current
 
     def history(self, limit: int | None = None) -> list[Change]:
         """Changes, newest first (at most ``limit``)."""

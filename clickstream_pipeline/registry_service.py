@@ -23,9 +23,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.authentication import (
@@ -64,6 +66,9 @@ WRITE_TOKEN = "CLICKSTREAM_REGISTRY_WRITE_TOKEN"
 READ, WRITE = "read", "write"
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 DEFAULT_HISTORY, MAX_HISTORY = 50, 1000
+# Worker threads for reads, and as many for writes: one pooled PostgreSQL connection each
+# (registry_postgres.POOL_SIZE).
+WORKERS = 8
 _HEADER_VALUE = re.compile(r"[\x20-\x7e]{1,200}")  # an actor or origin as recorded
 
 
@@ -365,18 +370,18 @@ class RegistryAPI:
         return {"ETag": registry_etag(registry)}
 
 
-def _with_body(
-    endpoint: Any,
+def _threaded(
+    endpoint: Any, limiter: Callable[[], anyio.CapacityLimiter], body: bool = False
 ) -> Any:
-    """A sync endpoint that needs the request body, which only async code can read."""
-    from starlette.concurrency import run_in_threadpool
+    """``endpoint`` (blocking: the backends are) run in a worker thread of ``limiter``'s pool,
+    after the request's body is read if it needs it (only async code can read it)."""
 
-    async def read_then_run(request: Request) -> Response:
-        body = await request.body()
-        return await run_in_threadpool(endpoint, request, body)
+    async def run(request: Request) -> Response:
+        args = (request, await request.body()) if body else (request,)
+        return await anyio.to_thread.run_sync(endpoint, *args, limiter=limiter())
 
-    read_then_run.__doc__ = endpoint.__doc__
-    return read_then_run
+    run.__doc__ = endpoint.__doc__  # the OpenAPI document is built from the docstrings
+    return run
 
 
 OPENAPI = SchemaGenerator(
@@ -475,23 +480,39 @@ def create_app(backend: RegistryBackend, tokens: Tokens | None = None) -> Starle
     async def backend_error(request: Request, exc: Exception) -> Response:
         return error(503, f"registry backend unavailable: {first_line(exc)}")
 
+    # Reads and writes have worker threads of their own: writers waiting for the registry's lock
+    # never hold up a read. (Limiters belong to the event loop: made at the first request.)
+    limiters: dict[str, anyio.CapacityLimiter] = {}
+
+    def readers() -> anyio.CapacityLimiter:
+        return limiters.setdefault("read", anyio.CapacityLimiter(WORKERS))
+
+    def writers() -> anyio.CapacityLimiter:
+        return limiters.setdefault("write", anyio.CapacityLimiter(WORKERS))
+
     event = "/customers/{customer}/events/{event}"
     app = Starlette(
         routes=[
-            Route("/customers", api.list_customers, methods=["GET"]),
-            Route("/customers", _with_body(api.replace_customers), methods=["PUT"]),
-            Route("/customers/{customer}", api.get_customer, methods=["GET"]),
-            Route("/customers/{customer}", api.delete_customer, methods=["DELETE"]),
-            Route(event, api.put_event, methods=["PUT"]),
-            Route(event, api.delete_event, methods=["DELETE"]),
+            Route("/customers", _threaded(api.list_customers, readers), methods=["GET"]),
+            Route(
+                "/customers", _threaded(api.replace_customers, writers, body=True), methods=["PUT"]
+            ),
+            Route("/customers/{customer}", _threaded(api.get_customer, readers), methods=["GET"]),
+            Route(
+                "/customers/{customer}",
+                _threaded(api.delete_customer, writers),
+                methods=["DELETE"],
+            ),
+            Route(event, _threaded(api.put_event, writers), methods=["PUT"]),
+            Route(event, _threaded(api.delete_event, writers), methods=["DELETE"]),
             Route(
                 "/customers/{rest:path}",
                 api.invalid_path,
                 methods=["GET", "PUT", "POST", "PATCH", "DELETE"],
                 include_in_schema=False,
             ),
-            Route("/history", api.history, methods=["GET"]),
-            Route("/healthz", api.healthz, methods=["GET"]),
+            Route("/history", _threaded(api.history, readers), methods=["GET"]),
+            Route("/healthz", _threaded(api.healthz, readers), methods=["GET"]),
             Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
         ],
         middleware=[
