@@ -91,8 +91,13 @@ class Registry:
     def sorted(self) -> Registry:
         """The same streams with customers and events in name order, no customer left empty:
         the one form every backend that derives its registry (PostgreSQL) answers with."""
+        return Registry.from_pairs(self.pairs)
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> Registry:
+        """The registry of these (customer, event)s, already validated, in name order."""
         mapping: dict[str, list[str]] = {}
-        for customer, event in sorted(self.pairs):
+        for customer, event in sorted(pairs):
             mapping.setdefault(customer, []).append(event)
         return Registry(tuple((c, tuple(events)) for c, events in mapping.items()))
 

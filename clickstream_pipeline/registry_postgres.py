@@ -26,6 +26,7 @@ import sqlalchemy
 import sqlalchemy.exc
 
 from clickstream_pipeline.errors import ClickstreamError, first_line
+from clickstream_pipeline.names import validate_name
 from clickstream_pipeline.registry import (
     Change,
     EditableRegistry,
@@ -61,6 +62,10 @@ SELECT customer, event FROM (
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('clickstream.registry', 0))"
 _VERSION = f"SELECT coalesce(max(id), 0) FROM {SCHEMA}.registry_changes"
+_CHANGES_SINCE = (
+    f"SELECT action, customer, event FROM {SCHEMA}.registry_changes "
+    "WHERE id > %s AND id <= %s ORDER BY id"
+)
 # Connections per backend: the registry API's worker threads (registry_service.WORKERS) each
 # get one without waiting.
 POOL_SIZE = 16
@@ -133,17 +138,30 @@ class PostgresRegistry(EditableRegistry):
         return bool(cur.fetchone()[0])
 
     def _current(self, cur: Any) -> Registry:
-        """The registry now, derived again only when a change has been made since the last."""
+        """The registry now: the one held if no change was made since, else the one held with
+        the changes since applied (the whole history is read only the first time)."""
         cur.execute(_VERSION)
         version = cur.fetchone()[0]
         snapshot = self._snapshot
         if snapshot is not None and snapshot[0] == version:
             return snapshot[1]
-        cur.execute(_CURRENT)
-        customers: dict[str, list[str]] = {}
-        for customer, event in cur.fetchall():
-            customers.setdefault(customer, []).append(event)
-        registry = Registry.from_mapping(customers)
+        if snapshot is not None and snapshot[0] < version:
+            # Every id up to `version` is committed: inserts commit in id order (the lock).
+            cur.execute(_CHANGES_SINCE, (snapshot[0], version))
+            pairs = set(snapshot[1].pairs)
+            for action, customer, event in cur.fetchall():
+                pair = (validate_name(customer, "customer"), validate_name(event, "event"))
+                if action == "add":
+                    pairs.add(pair)
+                else:
+                    pairs.discard(pair)
+            registry = Registry.from_pairs(pairs)
+        else:
+            cur.execute(_CURRENT)
+            customers: dict[str, list[str]] = {}
+            for customer, event in cur.fetchall():
+                customers.setdefault(customer, []).append(event)
+            registry = Registry.from_mapping(customers)
         self._snapshot = (version, registry)
         return registry
 

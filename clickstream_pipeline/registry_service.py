@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -66,6 +67,10 @@ WRITE_TOKEN = "CLICKSTREAM_REGISTRY_WRITE_TOKEN"
 READ, WRITE = "read", "write"
 PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 DEFAULT_HISTORY, MAX_HISTORY = 50, 1000
+# Reads answer from the registry the backend gave at most this long ago, or after this server's
+# own last write: a change made elsewhere (another replica, the database directly) is seen
+# within it, and a thousand reads a second cost ten questions to the backend.
+FRESH_SECONDS = 0.1
 # Worker threads for reads, and as many for writes: one pooled PostgreSQL connection each
 # (registry_postgres.POOL_SIZE).
 WORKERS = 8
@@ -151,6 +156,33 @@ class RegistryAPI:
     def __init__(self, backend: RegistryBackend) -> None:
         self.backend = backend
         self._rendered: tuple[Registry, bytes, str] | None = None  # the last GET's answer
+        self._checked: tuple[float, Registry] | None = None  # when the backend last said so
+        # Reads and writes have worker threads of their own, so writers waiting for the
+        # registry's lock never hold up a read. (Made at the first request: they belong to
+        # the event loop.)
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._refreshing: anyio.Lock | None = None
+
+    def readers(self) -> anyio.CapacityLimiter:
+        return self._limiters.setdefault("read", anyio.CapacityLimiter(WORKERS))
+
+    def writers(self) -> anyio.CapacityLimiter:
+        return self._limiters.setdefault("write", anyio.CapacityLimiter(WORKERS))
+
+    async def _current(self) -> Registry:
+        """The registry, as the backend said at most FRESH_SECONDS ago or after this server's
+        last write; asked again (by one request, the others waiting for it) when older."""
+        checked = self._checked
+        if checked is not None and time.monotonic() - checked[0] < FRESH_SECONDS:
+            return checked[1]
+        self._refreshing = self._refreshing or anyio.Lock()
+        async with self._refreshing:
+            checked = self._checked
+            if checked is None or time.monotonic() - checked[0] >= FRESH_SECONDS:
+                asked = time.monotonic()
+                registry = await anyio.to_thread.run_sync(self._load, limiter=self.readers())
+                checked = self._checked = (asked, registry)
+        return checked[1]
 
     def _load(self) -> Registry:
         try:
@@ -186,8 +218,9 @@ class RegistryAPI:
                         "again and retry",
                     )
             yield edit
+        self._checked = None  # committed: the next read asks the backend
 
-    def list_customers(self, request: Request) -> Response:
+    async def list_customers(self, request: Request) -> Response:
         """
         summary: Every customer and its events
         description: Answers 304 to If-None-Match while the registry is unchanged.
@@ -201,12 +234,12 @@ class RegistryAPI:
           401: {$ref: "#/components/responses/Unauthorized"}
         """
         _require(request, READ)
-        body, etag = self._rendering(self._load())
+        body, etag = self._rendering(await self._current())
         if etag in _etags(request.headers.get("If-None-Match", "")):
             return Response(status_code=304, headers={"ETag": etag})
         return JSONResponse(body, headers={"ETag": etag})
 
-    def get_customer(self, request: Request) -> Response:
+    async def get_customer(self, request: Request) -> Response:
         """
         summary: One customer's events
         responses:
@@ -220,7 +253,7 @@ class RegistryAPI:
         """
         _require(request, READ)
         customer = _name(request, "customer")
-        registry = self._load()
+        registry = await self._current()
         events = registry.as_mapping().get(customer)
         if events is None:
             raise HTTPException(404, f"customer {customer!r} is not in the registry")
@@ -480,24 +513,15 @@ def create_app(backend: RegistryBackend, tokens: Tokens | None = None) -> Starle
     async def backend_error(request: Request, exc: Exception) -> Response:
         return error(503, f"registry backend unavailable: {first_line(exc)}")
 
-    # Reads and writes have worker threads of their own: writers waiting for the registry's lock
-    # never hold up a read. (Limiters belong to the event loop: made at the first request.)
-    limiters: dict[str, anyio.CapacityLimiter] = {}
-
-    def readers() -> anyio.CapacityLimiter:
-        return limiters.setdefault("read", anyio.CapacityLimiter(WORKERS))
-
-    def writers() -> anyio.CapacityLimiter:
-        return limiters.setdefault("write", anyio.CapacityLimiter(WORKERS))
-
+    readers, writers = api.readers, api.writers
     event = "/customers/{customer}/events/{event}"
     app = Starlette(
         routes=[
-            Route("/customers", _threaded(api.list_customers, readers), methods=["GET"]),
+            Route("/customers", api.list_customers, methods=["GET"]),
             Route(
                 "/customers", _threaded(api.replace_customers, writers, body=True), methods=["PUT"]
             ),
-            Route("/customers/{customer}", _threaded(api.get_customer, readers), methods=["GET"]),
+            Route("/customers/{customer}", api.get_customer, methods=["GET"]),
             Route(
                 "/customers/{customer}",
                 _threaded(api.delete_customer, writers),
