@@ -17,13 +17,13 @@ import dagster as dg
 import orjson
 import psycopg2
 import pytest
-import requests
 
 from clickstream_pipeline.definitions import build_defs
 from clickstream_pipeline.layout import hour_floor, load_key, raw_key
 from clickstream_pipeline.local.dagster import DagsterServices
 from clickstream_pipeline.local.dagster import free_port as free_port
 from clickstream_pipeline.local.dagster import graphql as local_graphql
+from clickstream_pipeline.local.registry import registry_api
 from clickstream_pipeline.local.stack import DAGSTER_YAML
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry
@@ -216,42 +216,6 @@ def registry_server(
     backend: str, port: int | None = None, env: dict[str, str] | None = None
 ) -> Iterator[str]:
     """``clickstream registry serve`` over ``backend`` with READ_TOKEN and WRITE_TOKEN (``env``
-    adds to or overrides them), in a process of its own, answering; yields its URL and stops it
-    on exit."""
-    port = port or free_port()
-    env = {
-        **os.environ,
-        "CLICKSTREAM_REGISTRY_BACKEND": backend,
-        "CLICKSTREAM_REGISTRY_READ_TOKEN": READ_TOKEN,
-        "CLICKSTREAM_REGISTRY_WRITE_TOKEN": WRITE_TOKEN,
-        **(env or {}),
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clickstream_pipeline.cli",
-            "registry",
-            "serve",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: (
-                attempt(lambda: requests.get(f"{url}/healthz", timeout=5).ok)
-                or server.poll() is not None
-            ),
-            "the registry API",
-            timeout=60,
-        )
-        assert server.poll() is None, "the registry API exited"
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
+    adds to or overrides them), answering; its URL."""
+    with registry_api(backend, READ_TOKEN, WRITE_TOKEN, port=port, env=env) as server:
+        yield server.url

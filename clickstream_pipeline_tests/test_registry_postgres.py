@@ -153,3 +153,21 @@ def test_import_and_export_move_a_registry_between_backends(
     assert missing.stderr.strip() == (
         f"clickstream: error: cannot import {tmp_path / 'nope.yaml'}: no such file"
     )
+
+
+def test_a_backend_applies_only_the_changes_made_since_its_last_read(registry_url: str) -> None:
+    reader, writer = PostgresRegistry(registry_url), PostgresRegistry(registry_url, actor="w")
+    writer.save(Registry.from_mapping({"globex": ["video_play"], "acme": ["signup", "page_view"]}))
+    first = reader.load()
+    assert first.as_mapping() == {"acme": ["page_view", "signup"], "globex": ["video_play"]}
+    assert reader.load() is first  # nothing changed since: the registry held
+    with writer.edit() as edit:
+        edit.registry = edit.registry.with_removed("acme", ["signup"]).with_added(
+            "initech", ["login"]
+        )
+    writer.add("acme", ["signup"])  # back again
+    writer.remove("globex")
+
+    applied = reader.load()
+    assert applied == PostgresRegistry(registry_url).load()  # as derived from the whole history
+    assert applied.as_mapping() == {"acme": ["page_view", "signup"], "initech": ["login"]}

@@ -5,6 +5,7 @@ and the pipeline's own reads and the CLI through it."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -339,3 +340,13 @@ def test_an_empty_registry_file_behind_the_api(tmp_path: Path) -> None:
         )
         history = call("GET", url + "/history", READ_TOKEN)
         assert history.status_code == 501
+
+
+def test_a_change_made_elsewhere_is_served_within_a_second(api: str, registry_url: str) -> None:
+    assert call("GET", api + "/customers", READ_TOKEN).json() == {"customers": {}}
+    PostgresRegistry(registry_url).add("acme", ["page_view"])  # not through this server
+    started = time.monotonic()
+    while call("GET", api + "/customers", READ_TOKEN).json() == {"customers": {}}:
+        assert time.monotonic() - started < 1, "the change was not served within a second"
+        time.sleep(0.02)
+    assert call("GET", api + "/customers/acme", READ_TOKEN).json() == {"events": ["page_view"]}

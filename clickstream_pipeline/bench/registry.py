@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,16 +32,15 @@ from psycopg2 import sql
 from clickstream_pipeline.bench.common import (
     Measured,
     _peak_rss_mb,
-    poll,
     run_measured,
     stack_process,
 )
 from clickstream_pipeline.generator import customer_names, event_names
+from clickstream_pipeline.local.registry import registry_api
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.registry import Registry
 
 MODULE = "clickstream_pipeline.bench.registry"
-SERVE = [sys.executable, "-m", "clickstream_pipeline.cli", "registry", "serve"]
 DATABASE = "registry_bench"
 READ_TOKEN = "bench-read-token"
 WRITE_TOKEN = "bench-write-token"
@@ -163,42 +160,10 @@ def _reset(url: str, registry: Registry) -> None:
 
 @contextmanager
 def _server(backend: str, log: Path) -> Iterator[tuple[str, int]]:
-    """``clickstream registry serve`` over ``backend`` in a process of its own, answering: its
-    URL and process id. Its log (one access line per request, as deployed) goes to ``log``."""
-    from clickstream_pipeline.local.dagster import free_port
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "CLICKSTREAM_REGISTRY_BACKEND": backend,
-        "CLICKSTREAM_REGISTRY_READ_TOKEN": READ_TOKEN,
-        "CLICKSTREAM_REGISTRY_WRITE_TOKEN": WRITE_TOKEN,
-    }
-    with open(log, "w") as sink:
-        server = subprocess.Popen(
-            [*SERVE, "--port", str(port)],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def answering() -> bool:
-            if server.poll() is not None:
-                raise RuntimeError(f"the registry API exited: {log.read_text()[-500:]}")
-            return requests.get(f"{url}/healthz", timeout=5).ok
-
-        poll(answering, timeout=60, every=0.2)
-        yield url, server.pid
-    finally:
-        server.terminate()
-        try:
-            # Not its 10 s graceful shutdown: a load it fell behind on leaves requests queued.
-            server.wait(3)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """The registry API over ``backend``, answering: its URL and process id. Its log (one
+    access line per request, as deployed) goes to ``log``."""
+    with registry_api(backend, READ_TOKEN, WRITE_TOKEN, log=log) as server:
+        yield server.url, server.pid
 
 
 def _busy_seconds() -> float:
