@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import itertools
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -157,6 +158,10 @@ class RegistryAPI:
         self.backend = backend
         self._rendered: tuple[Registry, bytes, str] | None = None  # the last GET's answer
         self._checked: tuple[float, Registry] | None = None  # when the backend last said so
+        # Bumped by every write: a read of the backend begun before a write's commit must not
+        # be kept as fresh after it.
+        self._writes = itertools.count()
+        self._generation = next(self._writes)
         # Reads and writes have worker threads of their own, so writers waiting for the
         # registry's lock never hold up a read. (Made at the first request: they belong to
         # the event loop.)
@@ -179,9 +184,11 @@ class RegistryAPI:
         async with self._refreshing:
             checked = self._checked
             if checked is None or time.monotonic() - checked[0] >= FRESH_SECONDS:
-                asked = time.monotonic()
+                generation, asked = self._generation, time.monotonic()
                 registry = await anyio.to_thread.run_sync(self._load, limiter=self.readers())
-                checked = self._checked = (asked, registry)
+                checked = (asked, registry)
+                if generation == self._generation:
+                    self._checked = checked
         return checked[1]
 
     def _load(self) -> Registry:
@@ -218,7 +225,8 @@ class RegistryAPI:
                         "again and retry",
                     )
             yield edit
-        self._checked = None  # committed: the next read asks the backend
+        self._generation = next(self._writes)  # committed: the next read asks the backend
+        self._checked = None
 
     async def list_customers(self, request: Request) -> Response:
         """
