@@ -78,12 +78,10 @@ def poll(check: Callable[[], T], timeout: float, every: float = 0.5) -> T:
         time.sleep(every)
 
 
-def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
-    """A Dagster instance directory whose storage is database ``name`` on the warehouse's
-    PostgreSQL server (created), as production keeps it (deploy/dagster.yaml): event writes and
-    partition queries are measured on the storage a deployment has (its connections held open,
-    clickstream_pipeline/dagster_storage.py), not on sqlite."""
-    import re
+def fresh_database(warehouse_url: str, name: str) -> str:
+    """Database ``name`` (dropped if it was there, then created) on the warehouse's server: its
+    URL."""
+    from urllib.parse import urlsplit, urlunsplit
 
     import psycopg2
     from psycopg2 import sql
@@ -94,6 +92,17 @@ def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
         cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     admin.close()
+    return urlunsplit(urlsplit(warehouse_url)._replace(path=f"/{name}"))
+
+
+def dagster_home_on_postgres(root: Path, warehouse_url: str, name: str) -> Path:
+    """A Dagster instance directory whose storage is database ``name`` on the warehouse's
+    PostgreSQL server (created), as production keeps it (deploy/dagster.yaml): event writes and
+    partition queries are measured on the storage a deployment has (its connections held open,
+    clickstream_pipeline/dagster_storage.py), not on sqlite."""
+    import re
+
+    fresh_database(warehouse_url, name)
     socket = re.search(r"[?&]host=([^&]+)", warehouse_url)
     host = f"?host={socket.group(1)}" if socket else ""
     home = Path(tempfile.mkdtemp(dir=root))

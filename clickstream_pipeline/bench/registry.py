@@ -22,16 +22,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg2
 import requests
-from psycopg2 import sql
 
 from clickstream_pipeline.bench.common import (
     Measured,
     _peak_rss_mb,
+    fresh_database,
     run_measured,
     stack_process,
 )
@@ -96,7 +95,7 @@ def run(
         tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as root,
         stack_process(Path(root) / "stack") as stack,
     ):
-        url = _fresh_database(stack.env["CLICKSTREAM_WAREHOUSE_URL"], DATABASE)
+        url = fresh_database(stack.env["CLICKSTREAM_WAREHOUSE_URL"], DATABASE)
         env = {**stack.env, "CLICKSTREAM_REGISTRY": url}
         for name, registry, spec in loads:
             _reset(url, registry)
@@ -135,17 +134,6 @@ def run(
             )
         results["sensor_tick"] = tick.result
     return results
-
-
-def _fresh_database(warehouse_url: str, name: str) -> str:
-    """Database ``name`` (dropped if it was there, then created) on the warehouse's server."""
-    admin = psycopg2.connect(warehouse_url)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    admin.close()
-    return urlunsplit(urlsplit(warehouse_url)._replace(path=f"/{name}"))
 
 
 def _reset(url: str, registry: Registry) -> None:
