@@ -462,9 +462,8 @@ def registry_markdown(registry: dict[str, Any]) -> list[str]:
             "`PUT /customers/<c>/events/<new event>`, every third a `DELETE` of an event put a "
             "second before. Percentiles cover every request of the measured window: one given "
             "up after 5 s counts at that latency and as an error. CPU is percent of one core "
-            "over the load; `other` is the rest of the machine's (other processes competing for "
-            "the same cores). Committed writes are the history rows the load added, whether or "
-            "not their client still waited for the answer."
+            "over the load, per process. Committed writes are the history rows the load added, "
+            "whether or not their client still waited for the answer."
         ),
         "",
         "| goal | measured | met |",
@@ -475,8 +474,8 @@ def registry_markdown(registry: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "| load | streams | kind | target/s | answered/s | p50 | p95 | p99 | max | errors "
-        "| CPU: server | PostgreSQL | generator | other | PostgreSQL sessions per request |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU: server | PostgreSQL | generator | PostgreSQL sessions per request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, load in loads.items():
         cpu = load["cpu_percent_of_a_core"]
@@ -489,7 +488,7 @@ def registry_markdown(registry: dict[str, Any]) -> list[str]:
                 f"{f['target_per_second']:,.0f} | {f['achieved_per_second']:,.0f} | "
                 f"{_ms(f['p50_ms'])} | {_ms(f['p95_ms'])} | {_ms(f['p99_ms'])} | "
                 f"{_ms(f['max_ms'])} | {f['errors']:,} | {cpu['server']} % | {cpu['postgres']} % | "
-                f"{cpu['load_generator']} % | {cpu['other']} % | "
+                f"{cpu['load_generator']} % | "
                 f"{load['postgres_sessions_per_request']} |"
             )
     if tick:
@@ -554,10 +553,10 @@ def _registry_bounds(loads: dict[str, Any]) -> list[str]:
     if mixed:
         cpu = mixed["cpu_percent_of_a_core"]["server"]
         text.append(
-            f"Together, the server's one process used {cpu} % of a core: reads on the event "
-            "loop and writes in their threads take turns on one interpreter lock, which is "
-            "where the tail of both comes from. A second replica (deploy/registry.yaml runs "
-            "two) halves each one's share."
+            f"Together, the server's one process used {cpu} % of a core, reads on the event "
+            "loop and writes in their threads taking turns on one interpreter lock: the mix has "
+            "the longest tails of the loads. These figures are one process; deploy/registry.yaml "
+            "runs two replicas."
         )
     return _wrap(" ".join(text))
 
