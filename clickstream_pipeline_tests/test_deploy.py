@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -141,9 +142,6 @@ def test_image_runs_the_code_server_the_chart_runs(code_server: dict[str, Any]) 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER 10001:10001$", dockerfile, re.MULTILINE)
     assert code_server["podSecurityContext"]["runAsUser"] == 10001
-    image = code_server["image"]
-    (sidecar,) = code_server["sidecarContainers"]
-    assert sidecar["image"] == f"{image['repository']}:{image['tag']}"
 
 
 def test_constraints_pin_every_runtime_requirement() -> None:
@@ -224,7 +222,6 @@ def kubernetes_objects(values: dict[str, Any]) -> list[tuple[str, type, dict[str
     objects += [("env secret", k8s.V1SecretEnvSource, s) for s in deployment["envSecrets"]]
     objects += [("volume", k8s.V1Volume, v) for v in deployment["volumes"]]
     objects += [("volume mount", k8s.V1VolumeMount, m) for m in deployment["volumeMounts"]]
-    objects += [("sidecar", k8s.V1Container, c) for c in deployment["sidecarContainers"]]
     objects += [
         ("pod security", k8s.V1PodSecurityContext, deployment["podSecurityContext"]),
         ("container security", k8s.V1SecurityContext, deployment["securityContext"]),
@@ -246,7 +243,7 @@ def kubernetes_objects(values: dict[str, Any]) -> list[tuple[str, type, dict[str
 
 def test_kubernetes_objects_in_the_values_are_valid(values: dict[str, Any]) -> None:
     objects = kubernetes_objects(values)
-    assert len(objects) == 28
+    assert len(objects) == 27
     for _name, model, spec in objects:
         k8s_object(model, spec)  # raises on an unknown field or a missing required one
     (deployment,) = values["dagster-user-deployments"]["deployments"]
@@ -260,13 +257,27 @@ def test_kubernetes_objects_in_the_values_are_valid(values: dict[str, Any]) -> N
     assert not [
         e for e in deployment["env"] if "WAREHOUSE_URL" in e["name"] or "SECRET" in e["name"]
     ]
-    assert deployment["annotations"] == {
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": "9108",
-        "prometheus.io/path": "/metrics",
-    }
-    (sidecar,) = deployment["sidecarContainers"]
-    assert sidecar["ports"] == [{"name": "metrics", "containerPort": 9108}]
+    # The scrape annotations went with the metrics sidecar to deploy/metrics.yaml: on the code
+    # server's pod they would point Prometheus at a port nothing serves.
+    assert not any(key.startswith("prometheus.io/") for key in deployment.get("annotations", {}))
+
+
+def test_no_user_deployment_adds_containers_to_run_pods(values: dict[str, Any]) -> None:
+    """With includeConfigInLaunchedRuns the chart puts a user deployment's sidecarContainers and
+    initContainers into the container context of every run it launches
+    (dagsterUserDeployments.k8sContainerContext: run_k8s_config.pod_spec_config), so the
+    K8sRunLauncher adds them to each run's pod. A sidecar that serves until stopped (the metrics
+    exporter was one) outlives the run's own container: the pod stays Running, the Job never
+    completes and run pods pile up. Long-lived processes are Deployments of their own
+    (deploy/metrics.yaml, vortex.yaml, registry.yaml); the code server needs no extra
+    container."""
+    for deployment in values["dagster-user-deployments"]["deployments"]:
+        assert not deployment.get("sidecarContainers"), deployment["name"]
+        assert not deployment.get("initContainers"), deployment["name"]
+    # Nor through the run launcher's own pod spec for every run.
+    run_k8s_config = values["runLauncher"]["config"]["k8sRunLauncher"].get("runK8sConfig", {})
+    pod_spec = run_k8s_config.get("podSpecConfig", {})
+    assert not pod_spec.get("containers") and not pod_spec.get("initContainers")
 
 
 def test_a_misspelt_kubernetes_field_is_refused() -> None:
@@ -637,3 +648,21 @@ def test_production_topology_loads_files_from_s3(
         ("load_partitions_job", "SUCCESS")
     ]
     assert query(storage, "SELECT count(*) FROM daemon_heartbeats")[0][0] >= 3
+
+
+def test_the_code_server_reaches_the_releases_webserver_service() -> None:
+    """registry_sync_sensor reloads the code location through CLICKSTREAM_DAGSTER_URL: it must
+    name the Service the chart creates for the release values.yaml installs,
+    `<release>-dagster-webserver` (the chart's default webserver nameOverride), on its port."""
+    values = load_yaml(DEPLOY / "helm" / "values.yaml")
+    header = (DEPLOY / "helm" / "values.yaml").read_text()
+    (release,) = re.findall(r"helm upgrade --install (\S+) dagster/dagster", header)
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    env = {e["name"]: e.get("value") for e in deployment["env"]}
+    url = urllib.parse.urlsplit(env["CLICKSTREAM_DAGSTER_URL"])
+    namespace = re.search(r"--namespace (\S+)|-n (\S+)", header)
+    assert namespace is not None
+    assert url.hostname == (
+        f"{release}-dagster-webserver.{namespace.group(1) or namespace.group(2)}.svc.cluster.local"
+    )
+    assert url.port == values["dagsterWebserver"].get("service", {}).get("port", 80)
