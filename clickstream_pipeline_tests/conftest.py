@@ -5,10 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import psycopg2
 import pytest
+import yaml
 
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.s3 import s3_client
@@ -91,3 +93,17 @@ def registry_url(local_stack: dict[str, str]) -> Iterator[str]:
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE {name} WITH (FORCE)")
     conn.close()
+
+
+@pytest.fixture(scope="module")
+def values() -> dict[str, Any]:
+    """The Helm chart's values (deploy/helm/values.yaml)."""
+    values_yaml = Path(__file__).resolve().parents[1] / "deploy" / "helm" / "values.yaml"
+    return dict(yaml.safe_load(values_yaml.read_text()))
+
+
+@pytest.fixture(scope="module")
+def code_server(values: dict[str, Any]) -> dict[str, Any]:
+    """The values of the code location's one user deployment."""
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    return dict(deployment)

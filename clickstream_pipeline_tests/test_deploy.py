@@ -66,17 +66,6 @@ def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
 
 
-@pytest.fixture(scope="module")
-def values() -> dict[str, Any]:
-    return load_yaml(DEPLOY / "helm" / "values.yaml")
-
-
-@pytest.fixture(scope="module")
-def code_server(values: dict[str, Any]) -> dict[str, Any]:
-    (deployment,) = values["dagster-user-deployments"]["deployments"]
-    return deployment
-
-
 def image_command() -> list[str]:
     """The Dockerfile's CMD, in exec form (one JSON array on one line)."""
     (line,) = [

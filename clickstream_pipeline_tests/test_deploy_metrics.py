@@ -24,16 +24,22 @@ from dagster._daemon.types import DaemonHeartbeat
 from kubernetes.utils import parse_quantity  # type: ignore[import-untyped]
 from psycopg2 import sql
 
-from clickstream_pipeline.cli import cli
 from clickstream_pipeline.cli import ops as ops_cli
 from clickstream_pipeline.config import Settings
 from clickstream_pipeline_tests.helpers import attempt, free_port, outside_env, wait_for
+from clickstream_pipeline_tests.manifests import (
+    container,
+    container_port,
+    manifest_documents,
+    one_of_kind,
+    parsed,
+    pod,
+)
 from clickstream_pipeline_tests.test_deploy import (
     BIN,
     DEPLOY,
     ROOT,
     k8s_object,
-    load_yaml,
     start,
     stop,
 )
@@ -48,40 +54,17 @@ INSTANCE_PASSWORD = "DAGSTER_PG_PASSWORD"
 
 @pytest.fixture(scope="module")
 def documents() -> list[dict[str, Any]]:
-    return list(yaml.safe_load_all(METRICS.read_text()))
+    return manifest_documents(METRICS)
 
 
 @pytest.fixture(scope="module")
 def deployment(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (only,) = [d for d in documents if d["kind"] == "Deployment"]
-    return only
+    return one_of_kind(documents, "Deployment")
 
 
 @pytest.fixture(scope="module")
 def service(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (only,) = [d for d in documents if d["kind"] == "Service"]
-    return only
-
-
-@pytest.fixture(scope="module")
-def values() -> dict[str, Any]:
-    return load_yaml(DEPLOY / "helm" / "values.yaml")
-
-
-@pytest.fixture(scope="module")
-def code_server(values: dict[str, Any]) -> dict[str, Any]:
-    (only,) = values["dagster-user-deployments"]["deployments"]
-    return only
-
-
-def pod(deployment: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
-    return spec
-
-
-def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (only,) = pod(deployment)["containers"]
-    return only
+    return one_of_kind(documents, "Service")
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -95,24 +78,6 @@ def secret_refs(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for name, e in env_of(deployment).items()
         if "valueFrom" in e
     }
-
-
-def parsed(deployment: dict[str, Any]) -> click.Context:
-    """The container's command line as the `clickstream` console script parses it."""
-    spec = container(deployment)
-    argv = [*spec["command"][1:], *spec.get("args", [])]
-    group = click.Context(cli, info_name="clickstream")
-    command = cli.get_command(group, argv[0])
-    assert command is not None, argv[0]
-    return command.make_context(argv[0], argv[1:], parent=group)
-
-
-def container_port(deployment: dict[str, Any], port: int | str) -> int:
-    """A probe's or a Service's port (a number or a port name) as a number."""
-    if isinstance(port, int):
-        return port
-    (number,) = [p["containerPort"] for p in container(deployment)["ports"] if p["name"] == port]
-    return int(number)
 
 
 def image_dagster_home() -> str:

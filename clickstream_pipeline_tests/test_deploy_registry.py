@@ -16,15 +16,22 @@ import kubernetes.client as k8s  # type: ignore[import-untyped]
 import psutil
 import pytest
 import requests
-import yaml
 from kubernetes.utils import parse_quantity  # type: ignore[import-untyped]
 
-from clickstream_pipeline.cli import cli
 from clickstream_pipeline.cli import registry as registry_cli
 from clickstream_pipeline.errors import ClickstreamError
 from clickstream_pipeline.registry import load_registry, registry_backend
 from clickstream_pipeline.registry_service import PUBLIC_PATHS, READ, WRITE, Tokens
 from clickstream_pipeline_tests.helpers import attempt, free_port, outside_env, wait_for
+from clickstream_pipeline_tests.manifests import (
+    container,
+    container_port,
+    manifest_documents,
+    one_of_kind,
+    parsed,
+    plain_env,
+    pod,
+)
 from clickstream_pipeline_tests.test_deploy import BIN, DEPLOY, k8s_object, load_yaml, start, stop
 from clickstream_pipeline_tests.test_deploy_vortex import names_the_project_reads
 
@@ -34,63 +41,17 @@ FILE_SUFFIX = "_FILE"  # config.secret_from_env: NAME, or the file NAME_FILE nam
 
 @pytest.fixture(scope="module")
 def documents() -> list[dict[str, Any]]:
-    return list(yaml.safe_load_all(REGISTRY.read_text()))
+    return manifest_documents(REGISTRY)
 
 
 @pytest.fixture(scope="module")
 def deployment(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (only,) = [d for d in documents if d["kind"] == "Deployment"]
-    return only
+    return one_of_kind(documents, "Deployment")
 
 
 @pytest.fixture(scope="module")
 def service(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (only,) = [d for d in documents if d["kind"] == "Service"]
-    return only
-
-
-@pytest.fixture(scope="module")
-def code_server() -> dict[str, Any]:
-    (only,) = load_yaml(DEPLOY / "helm" / "values.yaml")["dagster-user-deployments"]["deployments"]
-    return only
-
-
-def pod(deployment: dict[str, Any]) -> dict[str, Any]:
-    spec: dict[str, Any] = deployment["spec"]["template"]["spec"]
-    return spec
-
-
-def container(deployment: dict[str, Any]) -> dict[str, Any]:
-    (only,) = pod(deployment)["containers"]
-    return only
-
-
-def plain_env(env: list[dict[str, Any]]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in env if "value" in e}
-
-
-def parsed(deployment: dict[str, Any]) -> click.Context:
-    """The container's command line as the `clickstream` console script parses it, through its
-    command groups (`registry`) to the command (`serve`)."""
-    spec = container(deployment)
-    argv = [*spec["command"][1:], *spec.get("args", [])]
-    context = click.Context(cli, info_name="clickstream")
-    command: click.Command = cli
-    while isinstance(command, click.Group):
-        name, argv = argv[0], argv[1:]
-        found = command.get_command(context, name)
-        assert found is not None, name
-        command = found
-        context = click.Context(command, info_name=name, parent=context)
-    return command.make_context(context.info_name, argv, parent=context.parent)
-
-
-def container_port(deployment: dict[str, Any], port: int | str) -> int:
-    """A probe's or a Service's port (a number or a port name) as a number."""
-    if isinstance(port, int):
-        return port
-    (number,) = [p["containerPort"] for p in container(deployment)["ports"] if p["name"] == port]
-    return int(number)
+    return one_of_kind(documents, "Service")
 
 
 def unread(names: set[str]) -> set[str]:

@@ -16,7 +16,8 @@ import pytest
 from botocore.configprovider import BOTOCORE_DEFAUT_SESSION_VARIABLES
 from kubernetes.utils import parse_quantity  # type: ignore[import-untyped]
 
-from clickstream_pipeline.cli import cli, vortex
+from clickstream_pipeline.cli import vortex
+from clickstream_pipeline_tests.manifests import container, parsed, plain_env
 from clickstream_pipeline_tests.test_deploy import DEPLOY, ROOT, k8s_object, load_yaml
 
 VORTEX = DEPLOY / "vortex.yaml"
@@ -29,37 +30,15 @@ def manifest() -> dict[str, Any]:
     return load_yaml(VORTEX)
 
 
-@pytest.fixture(scope="module")
-def code_server() -> dict[str, Any]:
-    (deployment,) = load_yaml(DEPLOY / "helm" / "values.yaml")["dagster-user-deployments"][
-        "deployments"
-    ]
-    return deployment
-
-
-def container(manifest: dict[str, Any]) -> dict[str, Any]:
-    (only,) = manifest["spec"]["template"]["spec"]["containers"]
-    return only
-
-
-def plain_env(manifest: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(manifest)["env"] if "value" in e}
-
-
-def parsed(manifest: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> click.Context:
+def parsed_with_env(manifest: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> click.Context:
     """The container's command line as the `clickstream` console script parses it, with the
     container's environment in place of this process's for the variables it reads."""
     for parameter in vortex.vortex.params:
         if isinstance(parameter.envvar, str):
             monkeypatch.delenv(parameter.envvar, raising=False)
-    for name, value in plain_env(manifest).items():
+    for name, value in plain_env(container(manifest)["env"]).items():
         monkeypatch.setenv(name, value)
-    spec = container(manifest)
-    argv = [*spec["command"][1:], *spec.get("args", [])]
-    group = click.Context(cli, info_name="clickstream")
-    command = cli.get_command(group, argv[0])
-    assert command is not None, argv[0]
-    return command.make_context(argv[0], argv[1:], parent=group)
+    return parsed(manifest)
 
 
 def names_the_project_reads() -> set[str]:
@@ -109,9 +88,13 @@ def test_it_runs_clickstream_vortex_on_a_stream(
     assert container(manifest)["command"] == ["clickstream", "vortex"]
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="clickstream")
     assert script.value == "clickstream_pipeline.cli:main"
-    context = parsed(manifest, monkeypatch)
+    context = parsed_with_env(manifest, monkeypatch)
     assert context.command is vortex.vortex
-    assert context.params["stream"] == plain_env(manifest)["CLICKSTREAM_KINESIS_STREAM"] != ""
+    assert (
+        context.params["stream"]
+        == plain_env(container(manifest)["env"])["CLICKSTREAM_KINESIS_STREAM"]
+        != ""
+    )
     assert context.params["until_idle"] is None  # a Deployment's worker runs until stopped
     # Without the stream variable the same command line is refused.
     monkeypatch.delenv("CLICKSTREAM_KINESIS_STREAM")
@@ -145,7 +128,7 @@ def test_every_env_var_is_one_the_code_reads(
     assert {ref["key"] for ref in refs} == {"CLICKSTREAM_WAREHOUSE_URL", "CLICKSTREAM_VORTEX_URL"}
     # Vortex writes where the loader reads, in the same region (botocore reads only
     # AWS_DEFAULT_REGION for a client's region).
-    env = plain_env(manifest)
+    env = plain_env(container(manifest)["env"])
     location = {e["name"]: e["value"] for e in code_server["env"]}
     for name in ("CLICKSTREAM_BUCKET", "CLICKSTREAM_RAW_PREFIX", "AWS_MAX_ATTEMPTS"):
         assert env[name] == location[name], name
@@ -159,7 +142,7 @@ def test_stopping_leaves_time_to_write_a_batch(
 ) -> None:
     (max_delay,) = [p for p in vortex.vortex.params if p.name == "max_delay"]
     assert max_delay.default == 60.0
-    context = parsed(manifest, monkeypatch)
+    context = parsed_with_env(manifest, monkeypatch)
     grace = manifest["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= max(context.params["max_delay"], max_delay.default)
     # New pod first, then the old one: each shard changes hands once per update.
@@ -182,7 +165,7 @@ def test_memory_follows_the_flush_limits(
         assert parse_quantity(resources.requests[kind]) <= parse_quantity(resources.limits[kind])
     # As the manifest's comment reckons it: 80 MiB for the process, and per shard held
     # 4 x --max-bytes for the batch and 70 MiB for the GetRecords response being decoded.
-    max_bytes = parsed(manifest, monkeypatch).params["max_bytes"]
+    max_bytes = parsed_with_env(manifest, monkeypatch).params["max_bytes"]
     per_shard = 4 * max_bytes + 70 * MIB
     assert parse_quantity(resources.requests["memory"]) >= 80 * MIB + per_shard
     assert parse_quantity(resources.limits["memory"]) >= 80 * MIB + 3 * per_shard
