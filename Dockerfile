@@ -8,15 +8,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_NO_CACHE=1 \
+    UV_PROJECT_ENVIRONMENT=/opt/clickstream/venv \
+    PATH=/opt/clickstream/venv/bin:$PATH \
     DAGSTER_HOME=/opt/dagster/dagster_home
 
 WORKDIR /opt/clickstream
 
-# Every package at the version the tests ran with (deploy/constraints.txt), not whatever
-# resolves on the day of the build.
-COPY deploy/constraints.txt pyproject.toml README.md ./
+# Every runtime package at the version the tests ran with (uv.lock, without the dev and bench
+# extras), not whatever resolves on the day of the build; uv at the version the lock holds.
+COPY uv.lock pyproject.toml README.md ./
 COPY clickstream_pipeline ./clickstream_pipeline
-RUN pip install --no-cache-dir --constraint constraints.txt . \
+RUN pip install --no-cache-dir uv==0.13.10 \
+    && uv sync --frozen --no-editable \
+    && pip uninstall --yes uv \
     && useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin clickstream \
     && mkdir -p "$DAGSTER_HOME" \
     && chown clickstream:clickstream "$DAGSTER_HOME"

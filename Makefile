@@ -1,19 +1,34 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use,
+# with exactly the versions in uv.lock (the runtime and every extra), whatever was released since.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# uv installs the lock; its own version is the one uv.lock holds (uv is in the dev extra).
+UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' uv.lock)
+UV := $(BIN)/uv
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+# Test workers: one a core (each runs its own PostgreSQL and S3 server, ports and directories).
+JOBS ?= auto
+# Where `make test-latest` resolves the newest releases the ranges in pyproject.toml allow.
+LATEST := .venv-latest
 
-.PHONY: install demo dev test lint typecheck unit bench audit clean
+.PHONY: install lock demo dev test test-latest lint typecheck unit bench audit clean
 
-$(STAMP): pyproject.toml
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip check
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check 'uv==$(UV_VERSION)'
+
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --quiet --frozen --all-extras
+	$(UV) pip check --quiet
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the project with its dev extra
+install: $(STAMP)  ## create .venv with the locked versions of the project and all its extras
+
+lock: | $(UV)  ## re-resolve uv.lock to the newest versions the ranges in pyproject.toml allow
+	$(UV) lock --upgrade
+	$(MAKE) install
 
 demo: install  ## the main job on embedded defaults (embedded PostgreSQL, local S3 server)
 	$(BIN)/clickstream demo
@@ -26,23 +41,34 @@ lint: install  ## ruff (lint and format) and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-unit: install  ## the test suite alone
-	$(BIN)/pytest
+unit: install  ## the test suite alone, in parallel
+	$(BIN)/pytest -n $(JOBS) --durations=15
 
 test: lint unit  ## what CI runs
 
+# Not part of CI's gate: finds what the next releases of our dependencies break, before a
+# newcomer does. The scratch environment ignores uv.lock; the lock is left as it is.
+test-latest: install  ## the suite (and mypy) on the newest releases the ranges allow
+	rm -rf $(LATEST)
+	$(UV) venv --quiet --python $(BIN)/python $(LATEST)
+	$(UV) pip install --quiet --python $(LATEST)/bin/python --resolution highest -e '.[dev,bench]'
+	$(UV) pip check --python $(LATEST)/bin/python
+	$(UV) pip list --python $(LATEST)/bin/python --format freeze > $(LATEST)/versions.txt
+	@$(BIN)/python -m clickstream_pipeline_tests.lockfile diff uv.lock $(LATEST)/versions.txt
+	$(LATEST)/bin/mypy
+	$(LATEST)/bin/pytest -n $(JOBS) -p no:cacheprovider
+
 bench: install  ## clickstream bench: data plane, orchestration, skew, scale; writes docs/benchmarks.md
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
-	$(BIN)/pip check
 	$(BIN)/clickstream bench
 	$(BIN)/python benchmarks/bench_generate.py
 
 # Not part of `test`: pip-audit needs a vulnerability service (PyPI's per-version JSON API or
 # OSV), which CI here cannot reach (docs/reliability.md). --strict fails rather than passing when
-# a dependency could not be checked.
-audit: install  ## pip-audit of the installed dependencies against PyPI's vulnerability data
-	$(BIN)/pip install --quiet --disable-pip-version-check 'pip-audit>=2.10,<3'
-	$(BIN)/pip-audit --strict --skip-editable --progress-spinner off
+# a dependency could not be checked. It audits the lock's pins, not whatever is installed.
+audit: install  ## pip-audit of the locked dependencies against PyPI's vulnerability data
+	$(UV) export --quiet --frozen --all-extras --no-emit-project --no-hashes -o $(VENV)/audit.txt
+	$(UV) tool run --from 'pip-audit>=2.10,<3' pip-audit --strict --progress-spinner off \
+	    --disable-pip --no-deps -r $(VENV)/audit.txt
 
 clean:
-	rm -rf $(VENV) .clickstream .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) .clickstream .pytest_cache .mypy_cache .ruff_cache

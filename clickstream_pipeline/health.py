@@ -104,10 +104,13 @@ def check_daemon() -> Check:
 # Vortex further behind the stream's tip than the loader's grace period (5 minutes) means hours
 # are loaded before all their files are in S3: they load again as late files, but later.
 VORTEX_MAX_BEHIND_MS = 5 * 60 * 1000
+# A shard whose reads have failed this long (vortex's six ticks) is down, not a passing error.
+VORTEX_MAX_FAILING_SECONDS = 60.0
 
 
 def check_vortex(settings: Settings) -> Check:
-    """Every unfinished shard of the stream held by a live worker, none too far behind."""
+    """Every unfinished shard of the stream held by a live worker, reading, none too far
+    behind."""
 
     def probe() -> str:
         from clickstream_pipeline.vortex import LeaseStore
@@ -126,6 +129,13 @@ def check_vortex(settings: Settings) -> Check:
                 f"{len(unheld)} of {len(shards)} shards held by no live worker: "
                 + ", ".join(unheld[:3])
                 + (" ..." if len(unheld) > 3 else "")
+            )
+        failing = [s for s in shards if (s["failing_seconds"] or 0.0) >= VORTEX_MAX_FAILING_SECONDS]
+        if failing:
+            first = failing[0]
+            raise ClickstreamError(
+                f"reads of {len(failing)} of {len(shards)} shards failing: {first['shard_id']} "
+                f"for {first['failing_seconds']:,.0f} s: {first['read_error']}"
             )
         behind = max(s["millis_behind"] or 0 for s in shards)
         if behind > VORTEX_MAX_BEHIND_MS:

@@ -288,7 +288,8 @@ class PipelineCollector(Collector):
 
     def _vortex_shards(self, store: LeaseStore) -> Iterator[Metric]:
         """Per shard: what vortex read and wrote, how far behind it is, whether a live worker
-        holds it (nothing when vortex has never run against this database)."""
+        holds it, how long its reads have been failing (nothing when vortex has never run
+        against this database)."""
         labels = ["stream", "shard"]
         counters = [
             (column, CounterMetricFamily(name, text, labels=labels))
@@ -304,18 +305,26 @@ class PipelineCollector(Collector):
             "1 while a live vortex worker holds the shard's lease; finished shards are left out.",
             labels=labels,
         )
+        failing = GaugeMetricFamily(
+            "clickstream_vortex_shard_read_failing_seconds",
+            "How long the shard's reads (GetRecords) have been failing, 0 while they work; "
+            "finished shards are left out.",
+            labels=labels,
+        )
         for shard in store.shards():
             key = [shard["stream"], shard["shard_id"]]
             for column, family in counters:
                 family.add_metric(key, shard[column])
             if not shard["finished"]:
                 held.add_metric(key, 1.0 if shard["lease_live"] else 0.0)
+                failing.add_metric(key, shard["failing_seconds"] or 0.0)
                 if shard["millis_behind"] is not None:
                     behind.add_metric(key, shard["millis_behind"])
         for _, family in counters:
             yield family
         yield behind
         yield held
+        yield failing
 
     def _instance(self, now: float, streams: list[str]) -> Iterator[Metric]:
         """Everything the Dagster instance (DAGSTER_HOME) knows."""

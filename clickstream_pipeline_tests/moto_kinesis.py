@@ -28,11 +28,15 @@ every open shard, then merge adjacent pairs down to the target) and goes through
 split and merge. Everything else (per-shard sequence numbers "1", "2", ..., iterators that never
 expire, ListShards returning every shard) is moto's behaviour, unchanged.
 
-The patch is idempotent: calling ``fix_moto_resharding()`` again assigns the same functions.
+The patch is idempotent, and guarded like the local stack's speed-up (``patching.install``): on a
+moto whose methods take other parameters, or where a split and a merge on a scratch stream do not
+behave as above, moto's own methods stay and one warning line says so (the resharding tests then
+fail on what they assert, every other test runs on moto as it is).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from moto.core.responses import ActionResult
@@ -41,6 +45,8 @@ from moto.kinesis.models import KinesisBackend, Record, Shard, Stream
 from moto.kinesis.responses import KinesisResponse
 from moto.kinesis.utils import compose_shard_iterator, decompose_shard_iterator
 from moto.utilities.utils import md5_hash
+
+from clickstream_pipeline.local.patching import Replacement, install
 
 _HASH_KEY_LIMIT = 2**128
 
@@ -162,16 +168,37 @@ def _require_open(stream: Stream, shard: Shard) -> None:
         )
 
 
-_PATCHES: tuple[tuple[type, str, Any], ...] = (
-    (Stream, "get_shard_for_key", _get_shard_for_key),
-    (Stream, "split_shard", _split_shard),
-    (Stream, "merge_shards", _merge_shards),
-    (KinesisBackend, "get_records", _backend_get_records),
-    (KinesisResponse, "get_records", _response_get_records),
+_REPLACEMENTS = (
+    Replacement(Stream, "get_shard_for_key", _get_shard_for_key),
+    Replacement(Stream, "split_shard", _split_shard),
+    Replacement(Stream, "merge_shards", _merge_shards),
+    Replacement(KinesisBackend, "get_records", _backend_get_records),
+    Replacement(KinesisResponse, "get_records", _response_get_records),
 )
 
 
-def fix_moto_resharding() -> None:
-    """Patch moto's Kinesis classes in this process (see the module docstring); idempotent."""
-    for cls, name, function in _PATCHES:
-        setattr(cls, name, function)
+def _reshards_like_kinesis(originals: Mapping[str, Any]) -> None:
+    """On a scratch stream: a split closes the parent and sends new writes to a child, a merge
+    closes both children and starts the merged shard empty (raises otherwise)."""
+    stream = Stream(  # type: ignore[abstract]  # moto's models are not typed as concrete
+        "patch-check", 1, None, None, "123456789012", "us-east-1"
+    )
+    (parent,) = stream.shards.values()
+    stream.put_record("key", "", b"e30=")
+    stream.split_shard(parent.shard_id, str(2**127))
+    children = [shard for shard in stream.shards.values() if shard.parent == parent.shard_id]
+    if parent.is_open or len(children) != 2 or any(child.records for child in children):
+        raise AssertionError("a split did not close the parent and start two empty children")
+    _, shard_id = stream.put_record("key", "", b"e30=")
+    if shard_id == parent.shard_id or len(parent.records) != 1:
+        raise AssertionError("a write after a split went to the closed parent")
+    stream.merge_shards(children[1].shard_id, children[0].shard_id)
+    merged = [shard for shard in stream.shards.values() if shard.is_open]
+    if len(merged) != 1 or merged[0].records or stream.shard_count != 1:
+        raise AssertionError("a merge did not start one empty shard")
+
+
+def fix_moto_resharding() -> bool:
+    """Patch moto's Kinesis classes in this process (see the module docstring); idempotent.
+    False: this moto does not fit the patch, and its own methods were kept."""
+    return install("the resharding fix", "moto", _REPLACEMENTS, _reshards_like_kinesis)

@@ -8,7 +8,6 @@ deploy/workspace.yaml, Dagster's storage in PostgreSQL -- loads files from S3 en
 """
 
 import copy
-import importlib.metadata
 import json
 import os
 import re
@@ -36,7 +35,6 @@ from dagster_k8s import K8sRunLauncher, k8s_job_executor
 from dagster_k8s.job import USER_DEFINED_K8S_JOB_CONFIG_SCHEMA
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from dagster_postgres import PostgresRunStorage
-from packaging.requirements import Requirement
 from psycopg2 import sql
 
 from clickstream_pipeline.assets import TABLES_ASSET, table_assets
@@ -131,29 +129,6 @@ def test_image_runs_the_code_server_the_chart_runs(code_server: dict[str, Any]) 
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^USER 10001:10001$", dockerfile, re.MULTILINE)
     assert code_server["podSecurityContext"]["runAsUser"] == 10001
-
-
-def test_constraints_pin_every_runtime_requirement() -> None:
-    pins: dict[str, str] = {}
-    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[name] = version
-    runtime = [
-        Requirement(text)
-        for text in importlib.metadata.requires("clickstream_pipeline") or []
-        if "extra ==" not in text
-    ]
-    names = {re.sub(r"[-_.]+", "-", requirement.name).lower() for requirement in runtime}
-    assert {"dagster", "dagster-postgres", "dagster-k8s", "boto3", "psycopg2-binary"} <= names
-    for requirement in runtime:
-        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
-        assert name in pins, f"{name} is not pinned in deploy/constraints.txt"
-        assert requirement.specifier.contains(pins[name]), (name, pins[name])
-    for name in ("dagster", "dagster-webserver"):
-        assert pins[name] == "1.13.27"
-    for name in ("dagster-aws", "dagster-k8s", "dagster-postgres"):
-        assert pins[name] == "0.29.27"
 
 
 # ---------------------------------------------------------------------------------------------

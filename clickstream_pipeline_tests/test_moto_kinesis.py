@@ -1,7 +1,9 @@
-"""The resharding patch of moto's Kinesis, proved through boto3 against a ThreadedMotoServer."""
+"""The patches of moto's Kinesis, proved through boto3 against a ThreadedMotoServer: the
+resharding fix, and both it and the local speed-up stepping aside on a moto they do not fit."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import logging
 import uuid
@@ -13,6 +15,8 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from clickstream_pipeline.local import patching
+from clickstream_pipeline.local.moto_kinesis import speed_up_moto_kinesis
 from clickstream_pipeline_tests.moto_kinesis import fix_moto_resharding
 
 HASH_KEY_LIMIT = 2**128
@@ -21,8 +25,8 @@ HASH_KEY_LIMIT = 2**128
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    fix_moto_resharding()
-    fix_moto_resharding()  # idempotent
+    assert fix_moto_resharding(), "this moto does not fit the resharding fix (see the warning)"
+    assert fix_moto_resharding()  # idempotent
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -267,3 +271,98 @@ def test_writes_route_by_inclusive_hash_key_range(kinesis: Any, stream: str) -> 
             StreamName=stream, Data=b"x", PartitionKey="x", ExplicitHashKey=str(hash_key)
         )
         assert response["ShardId"] == shard_id
+
+
+# -- on a moto the patches were not written for ---------------------------------------------
+
+
+def put_and_read(kinesis: Any, count: int) -> list[bytes]:
+    """Put ``count`` records on a new one-shard stream and read them back with GetRecords."""
+    name = f"p{uuid.uuid4().hex[:10]}"
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    for index in range(count):
+        kinesis.put_record(StreamName=name, Data=f"r{index}".encode(), PartitionKey="k")
+    iterator = kinesis.get_shard_iterator(
+        StreamName=name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    return [record["Data"] for record in kinesis.get_records(ShardIterator=iterator)["Records"]]
+
+
+def test_the_speed_up_steps_aside_for_a_moto_whose_methods_take_other_parameters(
+    kinesis: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from moto.kinesis.models import Shard
+
+    assert speed_up_moto_kinesis()
+    moto_get_records = patching.original(Shard, "get_records")
+    moto_newest = patching.original(Shard, "get_max_sequence_number")
+    assert Shard.get_records is not moto_get_records  # the speed-up is in place
+
+    # A later moto, say, whose GetRecords grew a parameter: ours must not stand in for it.
+    def newer_get_records(
+        self: Shard, last_sequence_id: str, limit: int | None, stream_arn: str | None = None
+    ) -> Any:
+        return moto_get_records(self, last_sequence_id, limit)
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, "clickstream"):
+        patched.setattr(Shard, "get_records", newer_get_records)
+        assert not speed_up_moto_kinesis()
+        assert Shard.get_records is newer_get_records
+        assert Shard.get_max_sequence_number is moto_newest  # put back, not left half-patched
+        assert put_and_read(kinesis, 3) == [b"r0", b"r1", b"r2"]  # moto's own, no 500
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the local Kinesis speed-up: moto {importlib.metadata.version('moto')} is not the release "
+        "it was written for (Shard.get_records takes (self, last_sequence_id, limit, "
+        "stream_arn)); using moto's own methods"
+    ]
+    assert speed_up_moto_kinesis()  # moto as installed again: the speed-up is back
+    assert patching.original(Shard, "get_records") is moto_get_records
+
+
+def test_the_speed_up_steps_aside_for_a_moto_that_answers_otherwise(
+    kinesis: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same parameters, other answers (the kind of change 5.2.6 made): the self-check on a
+    scratch shard finds it before a request does."""
+    from moto.kinesis.models import Shard
+
+    assert speed_up_moto_kinesis()
+    moto_get_records = patching.original(Shard, "get_records")
+
+    def get_records_in_seconds(self: Shard, last_sequence_id: str, limit: int | None) -> Any:
+        records, position, millis = moto_get_records(self, last_sequence_id, limit)
+        return records, position, millis / 1000 + 1
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, "clickstream"):
+        patched.setattr(Shard, "get_records", get_records_in_seconds)
+        assert not speed_up_moto_kinesis()
+        assert Shard.get_records is get_records_in_seconds
+        assert put_and_read(kinesis, 2) == [b"r0", b"r1"]
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.endswith(
+        "(GetRecords after 0 (limit None) differs); using moto's own methods"
+    ), message
+    assert speed_up_moto_kinesis()
+
+
+def test_the_resharding_fix_steps_aside_for_a_moto_it_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from moto.kinesis.models import Stream
+
+    assert fix_moto_resharding()
+    moto_split = patching.original(Stream, "split_shard")
+    moto_merge = patching.original(Stream, "merge_shards")
+
+    def split_shard(self: Stream, shard_to_split: str, new_starting_hash_key: str, *_: Any) -> None:
+        moto_split(self, shard_to_split, new_starting_hash_key)
+
+    with monkeypatch.context() as patched, caplog.at_level(logging.WARNING, "clickstream"):
+        patched.setattr(Stream, "split_shard", split_shard)
+        assert not fix_moto_resharding()
+        assert Stream.split_shard is split_shard
+        assert Stream.merge_shards is moto_merge
+    (message,) = [record.getMessage() for record in caplog.records]
+    assert message.startswith("the resharding fix: moto ")
+    assert "(Stream.split_shard takes (self, shard_to_split, new_starting_hash_key, _))" in message
+    assert fix_moto_resharding()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -612,6 +613,7 @@ def test_metrics_expose_each_shards_counters_lag_and_lease(
         "clickstream_vortex_errors_total": 1.0,
         "clickstream_vortex_millis_behind_latest": 0.0,
         "clickstream_vortex_shard_held": 0.0,  # the worker left when the stream was drained
+        "clickstream_vortex_shard_read_failing_seconds": 0.0,
     }
     assert samples["clickstream_vortex_bytes_written_total"] == sum(
         s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
@@ -766,3 +768,123 @@ def test_the_kinesis_client_reads_arrival_times_in_utc(stream: str) -> None:
     assert abs(arrival - before) < timedelta(seconds=30)
     summary = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]
     assert summary["StreamCreationTimestamp"].tzinfo is UTC
+
+
+# -- a shard whose reads keep failing ----------------------------------------------------------
+
+
+@pytest.fixture
+def reads_fail(local_stack: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """While ``["on"]``, every GetRecords of the local Kinesis server (it runs in this process)
+    answers HTTP 500, as moto did on a release the local speed-up did not fit."""
+    from moto.kinesis.models import Shard
+
+    state = {"on": True}
+    working = Shard.get_records
+
+    def get_records(self: Shard, last_sequence_id: str, limit: int | None) -> Any:
+        if state["on"]:
+            raise RuntimeError("injected server error")
+        return working(self, last_sequence_id, limit)
+
+    monkeypatch.setattr(Shard, "get_records", get_records)
+    return state
+
+
+def test_until_idle_a_shard_whose_reads_keep_failing_is_one_error_after_six_ticks(
+    pipeline: dict[str, str], stream: str, customer: str, reads_fail: dict[str, bool]
+) -> None:
+    put_records(kinesis_client(), stream, encoded(*valid_records(customer, 10, recent_hour(1))))
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "clickstream_pipeline.cli", "vortex", "--stream", stream),
+            *("--until-idle", "1", "--lease-seconds", "3"),  # ticks of 1 s
+        ],
+        env={**os.environ, **pipeline},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 1
+    last = done.stderr.splitlines()[-1]
+    assert re.fullmatch(
+        rf"clickstream: error: shard shardId-00000000000[01] of '{stream}': reads failed for "
+        r"6 ticks in a row: An error occurred \(500\) when calling the GetRecords operation.*",
+        last,
+    ), last
+    assert "Traceback" not in done.stderr
+    # Nothing was read, so nothing is checkpointed: a later run reads every record.
+    assert {row["checkpoint"] for row in shard_rows(stream)} == {None}
+
+
+def test_a_service_shows_failing_reads_in_metrics_and_health_and_recovers(
+    pipeline: dict[str, str], stream: str, customer: str, reads_fail: dict[str, bool]
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clickstream_pipeline.metrics import PipelineCollector
+    from clickstream_pipeline.warehouse import warehouse_for_url
+
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    env = {**pipeline, "CLICKSTREAM_KINESIS_STREAM": stream}
+    records = valid_records(customer, 10, recent_hour(1))
+    put_records(kinesis_client(), stream, encoded(*records))
+    worker = new_worker(
+        stream, pipeline["CLICKSTREAM_BUCKET"], lease_seconds=3.0, max_delay_seconds=1.0
+    )
+    service = threading.Thread(target=worker.run, daemon=True)
+    service.start()
+    try:
+        failing = wait_for(
+            lambda: [r for r in shard_rows(stream) if r["read_error"]] or None,
+            "shards recorded as failing",
+            60,
+        )
+        assert failing[0]["read_error"].startswith(
+            "An error occurred (500) when calling the GetRecords operation"
+        )
+        # Two minutes of failures, as the clock would have it, without waiting them out.
+        with psycopg2.connect(url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE clickstream.vortex_shards SET failing_since = now() - interval '120 s' "
+                "WHERE stream = %s",
+                (stream,),
+            )
+        registry = CollectorRegistry()
+        registry.register(PipelineCollector(lambda: warehouse_for_url(url), vortex_url=url))
+        scraped = generate_latest(registry).decode()
+        seconds = {
+            sample.labels["shard"]: sample.value
+            for family in text_string_to_metric_families(scraped)
+            for sample in family.samples
+            if sample.name == "clickstream_vortex_shard_read_failing_seconds"
+            and sample.labels["stream"] == stream
+        }
+        assert sorted(seconds) == ["shardId-000000000000", "shardId-000000000001"]
+        assert all(120 <= value < 180 for value in seconds.values()), seconds
+        health = run_cli("health", "--no-daemon", env=env)
+        assert health.returncode == 1
+        # The table wraps a long detail onto the rows below: read it as one text.
+        table = " ".join(health.stdout.replace("│", " ").split())
+        assert re.search(
+            r"vortex DOWN reads of 2 of 2 shards failing: shardId-000000000000 for 12\d s: "
+            r"An error occurred \(500\) when calling the GetRecords operation",
+            table,
+        ), health.stdout
+        assert service.is_alive()  # a service keeps backing off; it does not exit
+
+        reads_fail["on"] = False
+        wait_for(
+            lambda: all(r["read_error"] is None for r in shard_rows(stream)) or None,
+            "reads working again",
+            90,
+        )
+        wait_for(lambda: sorted(written_ids(pipeline["CLICKSTREAM_BUCKET"])) or None, "files", 60)
+    finally:
+        worker.stop()
+        service.join(60)
+    assert sorted(written_ids(pipeline["CLICKSTREAM_BUCKET"])) == sorted(
+        r["messageId"] for r in records
+    )
+    assert {r["failing_seconds"] for r in shard_rows(stream)} == {None}

@@ -25,7 +25,7 @@ import orjson
 from botocore.exceptions import ClientError
 
 from clickstream_pipeline.config import Settings
-from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.errors import ClickstreamError, first_line
 from clickstream_pipeline.layout import hour_floor
 from clickstream_pipeline.vortex.files import (
     ERRORS_PREFIX,
@@ -48,8 +48,14 @@ IDLE_POLL_SECONDS = 1.0
 # in a row the reader gives its shard up and the main loop takes it again later.
 MAX_CONSECUTIVE_ERRORS = 8
 # Ticks (a third of a lease each: 10 s by default) in a row that may fail before the worker
-# gives up: a minute of Kinesis or database trouble is waited out.
+# gives up: a minute of Kinesis or database trouble is waited out. The same rule holds for one
+# shard whose reads keep failing (a server error on every GetRecords): with --until-idle the
+# worker then stops with the error; as a service it keeps backing off, and the shard's error
+# shows in /metrics and `clickstream health` until its reads work again.
 MAX_TICK_FAILURES = 6
+# Attempts botocore makes per Kinesis call before the error reaches vortex's own backoff (the
+# reader's, and the tick's), so a failing shard is seen within a tick, not minutes later.
+KINESIS_ATTEMPTS = 3
 _THROTTLED = {"ProvisionedThroughputExceededException", "LimitExceededException", "SlowDown"}
 
 
@@ -109,6 +115,10 @@ class Totals:
             self.errors += counts.errors
 
 
+class ShardFailing(ClickstreamError):
+    """A shard's reads kept failing for MAX_TICK_FAILURES ticks (with --until-idle)."""
+
+
 class ShardReader(threading.Thread):
     """Reads one held shard from its checkpoint and writes its batches."""
 
@@ -124,6 +134,8 @@ class ShardReader(threading.Thread):
         # slow call (10,000 records can take seconds) must not look like an idle stream.
         self.caught_up = False
         self.error: BaseException | None = None
+        # Why the last GetRecords failed; None once one succeeds.
+        self.read_error: str | None = None
         self.finished = False
         self._stop_requested = threading.Event()
         self._release_requested = threading.Event()
@@ -174,9 +186,11 @@ class ShardReader(threading.Thread):
                     ShardIterator=iterator, Limit=self.config.get_records_limit
                 )
                 errors = 0
+                self.read_error = None
             except ClientError as error:
                 code = error.response["Error"]["Code"]
                 errors += 1
+                self.read_error = first_line(error)
                 if errors > MAX_CONSECUTIVE_ERRORS:
                     raise
                 if code == "ExpiredIteratorException":
@@ -294,11 +308,13 @@ class Vortex:
         self.config = config
         self.store = store
         self.s3 = s3
-        self.kinesis = kinesis if kinesis is not None else kinesis_client()
+        self.kinesis = kinesis if kinesis is not None else kinesis_client(KINESIS_ATTEMPTS)
         self.owner = owner or default_owner()
         self.totals = Totals()
         self.until_idle: float | None = None
         self.readers: dict[str, ShardReader] = {}
+        # Per shard, ticks in a row that found its reads failing (across its readers).
+        self._failing_ticks: dict[str, int] = {}
         self._uploads = ThreadPoolExecutor(config.upload_threads, thread_name_prefix="vortex-put")
         self._stop = threading.Event()
 
@@ -331,6 +347,8 @@ class Vortex:
                 try:
                     self._tick()
                     failures = 0
+                except ShardFailing:
+                    raise
                 except ClickstreamError as error:
                     failures += 1
                     if failures >= MAX_TICK_FAILURES:
@@ -362,6 +380,7 @@ class Vortex:
         workers = self.store.heartbeat(config.stream, self.owner, config.lease_seconds)
         self.store.sync_shards(config.stream, list_shards(self.kinesis, config.stream))
         for shard_id, reader in list(self.readers.items()):
+            self._check_reads(shard_id, reader)
             if reader.is_alive():
                 try:
                     self.store.renew(reader.lease, config.lease_seconds, reader.millis_behind)
@@ -385,6 +404,31 @@ class Vortex:
             reader = ShardReader(self, lease)
             self.readers[lease.shard_id] = reader
             reader.start()
+
+    def _check_reads(self, shard_id: str, reader: ShardReader) -> None:
+        """Count the ticks in a row that find ``shard_id``'s reads failing; record the error
+        where metrics and health read it; with --until-idle, give up at MAX_TICK_FAILURES."""
+        died = reader.error if not isinstance(reader.error, LeaseLost) else None
+        error = first_line(died) if died is not None else reader.read_error
+        if error is None:
+            if self._failing_ticks.pop(shard_id, 0):
+                log.info("shard %s: reads work again", shard_id)
+                self.store.report_reads(self.config.stream, shard_id, None)
+            return
+        ticks = self._failing_ticks[shard_id] = self._failing_ticks.get(shard_id, 0) + 1
+        self.store.report_reads(self.config.stream, shard_id, error)
+        if self.until_idle is not None and ticks >= MAX_TICK_FAILURES:
+            raise ShardFailing(
+                f"shard {shard_id} of {self.config.stream!r}: reads failed for "
+                f"{ticks} ticks in a row: {error}"
+            )
+        log.warning(
+            "shard %s: reads failing (tick %d%s): %s",
+            shard_id,
+            ticks,
+            f" of {MAX_TICK_FAILURES}" if self.until_idle is not None else "",
+            error,
+        )
 
     def _idle_for(self, seconds: float) -> bool:
         """Every shard idle ``seconds`` with nothing batched, held by this worker: a stream

@@ -50,8 +50,13 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.vortex_shards (
     errors          bigint      NOT NULL DEFAULT 0,
     millis_behind   bigint,
     committed_at    timestamptz,
+    read_error      text,
+    failing_since   timestamptz,
     PRIMARY KEY (stream, shard_id)
 );
+-- Tables made before a shard's read errors were recorded.
+ALTER TABLE {SCHEMA}.vortex_shards ADD COLUMN IF NOT EXISTS read_error text,
+    ADD COLUMN IF NOT EXISTS failing_since timestamptz;
 CREATE TABLE IF NOT EXISTS {SCHEMA}.vortex_workers (
     stream   text        NOT NULL,
     owner    text        NOT NULL,
@@ -152,8 +157,11 @@ class LeaseStore:
         database user needs the CREATE privilege only for the first start."""
         with self._cursor() as cur:
             cur.execute(
-                "SELECT to_regclass(%s) IS NOT NULL AND to_regclass(%s) IS NOT NULL AS ready",
-                (f"{SCHEMA}.vortex_shards", f"{SCHEMA}.vortex_workers"),
+                """SELECT to_regclass(%s) IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM information_schema.columns
+                    WHERE table_schema = %s AND table_name = 'vortex_shards'
+                      AND column_name = 'failing_since') AS ready""",
+                (f"{SCHEMA}.vortex_workers", SCHEMA),
             )
             if cur.fetchone()["ready"]:
                 return
@@ -355,15 +363,29 @@ class LeaseStore:
                 (lease.stream, lease.shard_id, lease.owner, lease.counter),
             )
 
+    def report_reads(self, stream: str, shard_id: str, error: str | None) -> None:
+        """Record that the shard's reads are failing with ``error`` (since when, the first time),
+        or, with None, that they work again."""
+        with self._cursor() as cur:
+            cur.execute(
+                f"""UPDATE {SCHEMA}.vortex_shards SET read_error = %(error)s,
+                    failing_since = CASE WHEN %(error)s::text IS NULL THEN NULL
+                                         ELSE coalesce(failing_since, now()) END
+                WHERE stream = %(stream)s AND shard_id = %(shard)s""",
+                {"error": error, "stream": stream, "shard": shard_id},
+            )
+
     def shards(self, stream: str | None = None) -> list[dict[str, Any]]:
-        """Every shard row (of ``stream``), with ``lease_live`` and ``committed_age`` seconds."""
+        """Every shard row (of ``stream``), with ``lease_live``, ``committed_age`` and
+        ``failing_seconds`` (how long its reads have failed; None while they work)."""
         with self._cursor() as cur:
             cur.execute("SELECT to_regclass(%s) AS t", (f"{SCHEMA}.vortex_shards",))
             if cur.fetchone()["t"] is None:
                 return []
             cur.execute(
                 f"""SELECT *, coalesce(lease_expires > now(), false) AS lease_live,
-                    extract(epoch FROM now() - committed_at)::float AS committed_age
+                    extract(epoch FROM now() - committed_at)::float AS committed_age,
+                    extract(epoch FROM now() - failing_since)::float AS failing_seconds
                 FROM {SCHEMA}.vortex_shards WHERE %(stream)s::text IS NULL OR stream = %(stream)s
                 ORDER BY stream, shard_id""",
                 {"stream": stream},
