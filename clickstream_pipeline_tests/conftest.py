@@ -107,3 +107,18 @@ def code_server(values: dict[str, Any]) -> dict[str, Any]:
     """The values of the code location's one user deployment."""
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     return dict(deployment)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first, longest first (the rest in their order): spread over the parallel
+    workers from the start, rather than one left running alone at the end."""
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.kwargs["seconds"]) if mark is not None else 0.0
+
+    items.sort(key=seconds, reverse=True)
+    # A slow test's own bound: twice its usual time, and never below the default (300 s).
+    for item in items:
+        if seconds(item) * 2 > 300 and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(seconds(item) * 2))

@@ -288,6 +288,7 @@ run_coordinator:
 """
 
 
+@pytest.mark.slow(seconds=60)
 def test_run_monitoring_stops_a_load_past_max_runtime_and_the_failure_alert_says_why(
     pipeline: dict[str, str], customer: str, receiver: Receiver, tmp_path: Path
 ) -> None:

@@ -161,6 +161,7 @@ def test_a_late_file_landing_during_a_load_is_picked_up_next(
 BAD_LINES = [b"{", b"[]", b'{"receivedAt": "2026-01-01T00:00:00Z"}', b'{"messageId": "x"}']
 
 
+@pytest.mark.slow(seconds=50)
 @settings(
     max_examples=12,
     deadline=None,

@@ -116,6 +116,7 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.startswith(f"Usage: clickstream {' '.join(command)}".rstrip())
 
 
+@pytest.mark.slow(seconds=220)
 def test_the_scale_bench_measures_against_a_given_bucket_and_leaves_it_as_it_was(
     pipeline: dict[str, str], tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import psutil
+import pytest
 import yaml
 
 from clickstream_pipeline.jobs import LOAD_JOB
@@ -96,6 +97,7 @@ def one_stream_instance(
     return stream, home, {**os.environ, **pipeline, "DAGSTER_HOME": str(home)}
 
 
+@pytest.mark.slow(seconds=110)
 def test_a_daemon_killed_mid_run_is_retried_to_an_exact_load(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
 ) -> None:
@@ -142,6 +144,7 @@ def test_a_daemon_killed_mid_run_is_retried_to_an_exact_load(
     assert query(url, ledger_rows, (str(stream),)) == [(1,)]
 
 
+@pytest.mark.slow(seconds=70)
 def test_a_daemon_killed_alone_mid_run_leaves_the_run_to_finish(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
 ) -> None:

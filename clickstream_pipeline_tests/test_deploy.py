@@ -493,6 +493,7 @@ LOCATIONS_QUERY = (
 RUNS_QUERY = "{ runsOrError { ... on Runs { results { status jobName tags { key value } } } } }"
 
 
+@pytest.mark.slow(seconds=70)
 def test_production_topology_loads_files_from_s3(
     tmp_path: Path,
     pipeline: dict[str, str],

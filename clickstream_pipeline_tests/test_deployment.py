@@ -55,6 +55,7 @@ def write_hours(bucket: str, streams: list[Stream], hours: list[datetime]) -> di
     return {key: sorted(ids) for key, ids in expected.items()}
 
 
+@pytest.mark.slow(seconds=300)
 def test_backfills_reloads_and_removals_in_a_running_deployment(
     pipeline: dict[str, str],
     registry_path: Path,

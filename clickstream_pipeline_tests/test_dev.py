@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clickstream_pipeline_tests.helpers import free_port, graphql, outside_env
@@ -28,6 +29,7 @@ def processes_under(path: Path) -> list[str]:
     return found
 
 
+@pytest.mark.slow(seconds=180)
 def test_dev_runs_the_ui_and_the_sensors_load_the_sample_files_and_sigterm_stops_it(
     tmp_path: Path,
 ) -> None:

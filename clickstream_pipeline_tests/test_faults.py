@@ -220,6 +220,7 @@ def test_the_warehouse_dropping_mid_copy_is_retried_to_an_exact_load(
     assert len(message_ids(url, stream)) == 60_000
 
 
+@pytest.mark.slow(seconds=60)
 def test_sigkill_of_a_load_mid_copy_then_a_rerun_loads_exactly_once(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str
 ) -> None:

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.registry import Registry, YamlFileRegistry
 from clickstream_pipeline_tests.helpers import free_port, outside_env
@@ -52,6 +54,7 @@ def test_health_fails_while_the_warehouse_is_stopped_and_passes_when_it_is_back(
         stack.stop()
 
 
+@pytest.mark.slow(seconds=80)
 def test_health_requires_a_daemon_heartbeat(local_stack: dict[str, str], tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()

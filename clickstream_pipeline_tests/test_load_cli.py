@@ -98,6 +98,7 @@ def test_demo_prints_the_summary_and_proves_exact_counts(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.slow(seconds=60)
 @pytest.mark.parametrize("hours", ["--partition", "--partition-range"])
 def test_dagster_asset_materialize_loads_a_customers_tables(
     pipeline: dict[str, str], registry_path: Path, tmp_path: Path, customer: str, hours: str
@@ -132,6 +133,7 @@ def test_dagster_asset_materialize_loads_a_customers_tables(
         )
 
 
+@pytest.mark.slow(seconds=55)
 def test_import_history_shows_ledger_hours_as_materialized_once(
     pipeline: dict[str, str], tmp_path: Path, customer: str
 ) -> None:

@@ -84,6 +84,7 @@ def warehouse_db(local_stack: dict[str, str]) -> Iterator[str]:
     conn.close()
 
 
+@pytest.mark.slow(seconds=80)
 def test_prometheus_scrapes_the_exact_event_counts_of_a_demo_load(
     pipeline: dict[str, str], warehouse_db: str, tmp_path: Path
 ) -> None:

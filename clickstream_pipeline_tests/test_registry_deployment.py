@@ -32,6 +32,7 @@ from clickstream_pipeline_tests.helpers import (
 )
 
 
+@pytest.mark.slow(seconds=300)
 def test_a_registry_service_change_reaches_the_deployment_and_an_outage_is_survived(
     pipeline: dict[str, str],
     registry_url: str,

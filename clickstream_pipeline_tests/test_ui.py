@@ -65,6 +65,7 @@ def browser() -> Iterator[Browser]:
             chromium.close()
 
 
+@pytest.mark.slow(seconds=110)
 def test_the_ui_lists_tables_by_customer_shows_loaded_hours_and_opens_a_backfill(
     pipeline: dict[str, str],
     registry_path: Path,

@@ -646,6 +646,7 @@ def test_health_says_whether_every_shard_is_being_read(
     assert down.startswith("vortex DOWN 2 of 2 shards held by no live worker: shardId-")
 
 
+@pytest.mark.slow(seconds=45)
 def test_the_demo_goes_from_the_stream_to_exact_rows(tmp_path: Path) -> None:
     """`clickstream demo` (what `make demo` runs), smaller: events on the stream, vortex, S3,
     Dagster, tables holding exactly the unique valid events, late events reloaded."""
