@@ -42,7 +42,7 @@ lint: install  ## ruff (lint and format) and mypy
 	$(BIN)/mypy
 
 unit: install  ## the test suite alone, in parallel
-	$(BIN)/pytest -n $(JOBS) --durations=15
+	$(BIN)/pytest -n $(JOBS) --maxschedchunk 1 --durations=15
 
 test: lint unit  ## what CI runs
 
@@ -56,7 +56,7 @@ test-latest: install  ## the suite (and mypy) on the newest releases the ranges 
 	$(UV) pip list --python $(LATEST)/bin/python --format freeze > $(LATEST)/versions.txt
 	@$(BIN)/python -m clickstream_pipeline_tests.lockfile diff uv.lock $(LATEST)/versions.txt
 	$(LATEST)/bin/mypy
-	$(LATEST)/bin/pytest -n $(JOBS) -p no:cacheprovider
+	CLICKSTREAM_TEST_UNLOCKED=1 $(LATEST)/bin/pytest -n $(JOBS) --maxschedchunk 1 -p no:cacheprovider
 
 bench: install  ## clickstream bench: data plane, orchestration, skew, scale; writes docs/benchmarks.md
 	$(BIN)/clickstream bench

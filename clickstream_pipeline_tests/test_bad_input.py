@@ -55,7 +55,7 @@ DEEP = (
     ("name", "body", "error"),
     [
         ("empty.jsonl", b"", None),
-        ("empty.jsonl.gz", gzip.compress(b""), None),
+        ("empty.jsonl.gz", gzip.compress(b"", mtime=0), None),
         ("blank-lines.jsonl", b"\n\n   \n", None),
         ("deep.jsonl", DEEP + b"\n", "invalid JSON: depth limit exceeded"),
         ("scalar.jsonl", b"42\n", "not a JSON object but int"),
