@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import psycopg2
+import pytest
 
 from clickstream_pipeline.local import LocalStack
+from clickstream_pipeline.local.stack import wait_gone
 from clickstream_pipeline.s3 import s3_client
 
 
@@ -61,3 +64,20 @@ def test_s3_requests_are_counted_by_operation(local_stack: dict[str, str], bucke
     after = s3_requests()
     assert after.get("PutObject", 0) - before.get("PutObject", 0) == 1
     assert after.get("ListObjectsV2", 0) - before.get("ListObjectsV2", 0) == 2
+
+
+def test_stop_ends_postgresql_should_pgserver_keep_its_handles_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop reads pgserver's handle list through a guard: on a release without the class
+    attributes it uses, the stack's PostgreSQL is still stopped, and nothing raises."""
+    from pgserver.postgres_server import PostgresServer
+
+    stack = LocalStack(tmp_path, bucket="guard-test")
+    stack.start()
+    postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
+    monkeypatch.delattr(PostgresServer, "_instances")
+    monkeypatch.delattr(PostgresServer, "_lock")
+    stack.stop()
+    assert wait_gone([postmaster], 5) == []
+    assert not (tmp_path / "pg" / "postmaster.pid").exists()

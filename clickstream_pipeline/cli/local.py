@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +18,12 @@ from rich.table import Table
 from clickstream_pipeline.cli.app import (
     cli,
     err,
-    interrupt,
+    interrupts_kept,
     out,
     progress,
     register,
-    wait_for_interrupt,
+    stopped_by_signals,
+    wait_forever,
 )
 from clickstream_pipeline.cli.load import load_through_dagster
 from clickstream_pipeline.cli.ops import serve_metrics
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     type=click.IntRange(0, 65535),
     help="Port of the local S3 server (default: a free one).",
 )
+@stopped_by_signals()
 def stack(root: str, bucket: str, s3_port: int) -> None:
     """Run the embedded PostgreSQL and local S3 server until Ctrl-C; print their env vars.
 
@@ -69,7 +70,7 @@ def stack(root: str, bucket: str, s3_port: int) -> None:
         for name, value in env.items():
             out.print(f"export {name}={shlex.quote(value)}")
         err.print("embedded stack running; press Ctrl-C to stop")
-        wait_for_interrupt()
+        wait_forever()
 
 
 @cli.command()
@@ -85,6 +86,8 @@ def stack(root: str, bucket: str, s3_port: int) -> None:
 @click.option("--hours", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--events-per-file", default=1500, show_default=True, type=click.IntRange(min=1))
 @click.option("--seed", default=42, show_default=True, type=int)
+# Interrupted, the demo did not show what it is for: it exits 143 after SIGTERM (130, Ctrl-C).
+@stopped_by_signals(unfinished=True)
 def demo(
     root: str, customers: int, events: int, hours: int, events_per_file: int, seed: int
 ) -> None:
@@ -130,14 +133,14 @@ def demo(
         err.print(f"put {sent.records:,} events on {stream}; vortex is writing them to S3 ...")
         first_vortex = _drain(stream)
         err.print(f"vortex wrote {first_vortex.files} files; loading ...")
-        first = load_through_dagster(grace_minutes=0)
+        first = _load()
         late = put_on_stream(
             kinesis, stream, generate_files(spec, settings.raw_prefix, now, include="late")
         )
         err.print(f"{late.records:,} late events for loaded hours; writing and loading again ...")
         second_vortex = _drain(stream)
-        second = load_through_dagster(grace_minutes=0)
-        third = load_through_dagster(grace_minutes=0)
+        second = _load()
+        third = _load()
         expected = _expected_rows(spec, settings.raw_prefix, now)
         _print_demo(
             spec,
@@ -146,6 +149,12 @@ def demo(
             [first_vortex, second_vortex],
             time.perf_counter() - began,
         )
+
+
+def _load() -> LoadSummary:
+    """Load what vortex wrote through Dagster, in this process, until a signal stops the demo."""
+    with interrupts_kept():
+        return load_through_dagster(grace_minutes=0)
 
 
 def _drain(stream: str) -> Totals:
@@ -239,6 +248,9 @@ def _print_demo(
     type=click.IntRange(1, 65535),
     help="Port of the Prometheus /metrics endpoint on 127.0.0.1.",
 )
+# SIGTERM (a supervisor, `kill`) stops everything as Ctrl-C does, instead of leaving the embedded
+# PostgreSQL and the Dagster processes running; stopped by the user, dev exits 0.
+@stopped_by_signals()
 def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
     """Run the embedded stack with vortex, the Dagster UI and daemon, sensors on, and /metrics.
 
@@ -251,39 +263,39 @@ def dev(root: str, port: int, sample: bool, metrics_port: int) -> None:
     """
     from clickstream_pipeline.local.dagster import DagsterServices
 
-    # SIGTERM (a supervisor, `kill`) stops everything as Ctrl-C does, instead of leaving the
-    # embedded PostgreSQL and the Dagster processes running.
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        with LocalStack(root) as env:
-            os.environ.update(env)
-            os.environ["CLICKSTREAM_DAGSTER_URL"] = f"http://127.0.0.1:{port}"
+    with LocalStack(root) as env:
+        os.environ.update(env)
+        os.environ["CLICKSTREAM_DAGSTER_URL"] = f"http://127.0.0.1:{port}"
+        try:
+            serve_metrics("127.0.0.1", metrics_port)
+        except ClickstreamError as error:
+            # The UI and the sensors matter more here than the endpoint: go on without it.
+            err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
+        stream = env["CLICKSTREAM_KINESIS_STREAM"]
+        if sample:
+            _put_dev_sample(stream)
+        for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
+            err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
+        err.print("starting vortex, the Dagster code server, webserver and daemon ...")
+        services = DagsterServices(Path(root) / "dagster", port)
+        with _vortex_running(stream) as worker, services:
+            err.print(
+                f"Dagster UI on {services.url}, metrics on "
+                f"http://127.0.0.1:{metrics_port}/metrics; vortex reads {stream} "
+                "(Ctrl-C stops everything)"
+            )
             try:
-                serve_metrics("127.0.0.1", metrics_port)
-            except ClickstreamError as error:
-                # The UI and the sensors matter more here than the endpoint: go on without it.
-                err.print(f"warning: {error} (choose another with --metrics-port)", markup=False)
-            stream = env["CLICKSTREAM_KINESIS_STREAM"]
-            if sample:
-                _put_dev_sample(stream)
-            for name in (*env, "CLICKSTREAM_DAGSTER_URL"):
-                err.print(f"export {name}={shlex.quote(os.environ[name])}", markup=False)
-            err.print("starting vortex, the Dagster code server, webserver and daemon ...")
-            services = DagsterServices(Path(root) / "dagster", port)
-            with _vortex_running(stream), services:
-                err.print(
-                    f"Dagster UI on {services.url}, metrics on "
-                    f"http://127.0.0.1:{metrics_port}/metrics; vortex reads {stream} "
-                    "(Ctrl-C stops everything)"
-                )
                 status = services.wait()
-            raise ClickstreamError(f"a Dagster process exited with status {status}")
-    except KeyboardInterrupt:
-        err.print("stopped")
+            finally:
+                # Vortex writes what it batched while the Dagster processes stop, not after.
+                worker.stop()
+        raise ClickstreamError(f"a Dagster process exited with status {status}")
 
 
 # On a laptop a batch waits at most this long: events put on the stream are in S3 within seconds.
 DEV_MAX_DELAY_SECONDS = 5.0
+# What vortex gets to write its batches when dev stops (it takes well under a second here).
+VORTEX_STOP_SECONDS = 5.0
 
 
 @contextlib.contextmanager
@@ -296,7 +308,9 @@ def _vortex_running(stream: str) -> Iterator[Vortex]:
             yield worker
         finally:
             worker.stop()
-            thread.join(60)
+            # Bounded, so that stopping is prompt: a batch vortex had no time to write stays
+            # planned or unread, and the next start writes it (nothing is lost).
+            thread.join(VORTEX_STOP_SECONDS)
 
 
 def _put_dev_sample(stream: str) -> None:

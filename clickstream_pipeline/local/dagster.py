@@ -8,6 +8,7 @@ started, whichever signal asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -23,11 +24,20 @@ import psutil
 import yaml
 
 from clickstream_pipeline.errors import ClickstreamError
-from clickstream_pipeline.local.stack import DAGSTER_ENV
+from clickstream_pipeline.local.stack import DAGSTER_ENV, deferred_interrupts, wait_gone
 from clickstream_pipeline.webserver import DEFAULT_LOCATION
 
 MODULE = "clickstream_pipeline.definitions"
 _STARTUP_SECONDS = 180
+# On SIGTERM a run worker records its run as failed within about a second; the webserver and
+# the daemon take seconds on a busy machine, the code server longest: it waits for the gRPC
+# server it started, which waits for the runs it executes and for its calls in flight (up to
+# its grace period, a minute). Whatever still runs after this gets SIGKILL; a run whose worker
+# had not yet recorded its failure stays STARTED until run monitoring fails it (see
+# DAGSTER_YAML in stack.py).
+STOP_GRACE_SECONDS = 3.0
+# SIGKILL ends a process at once; this only waits for the kernel to say so.
+_KILLED_SECONDS = 2.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -176,8 +186,23 @@ class DagsterServices:
                     return status
             time.sleep(0.5)
 
-    def stop(self, timeout: float = 30) -> None:
-        """Stop every process started, and every process they started (SIGTERM, then SIGKILL)."""
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop every process started, and every process they started: SIGTERM to all of them
+        at once, SIGKILL to those still running ``grace`` seconds later."""
+        with deferred_interrupts():
+            family = self._family()
+            for member in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.terminate()
+            alive = self._wait(family, grace)
+            # And what they started meanwhile (a run worker's step process).
+            for member in [*alive, *self._family()]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            self._wait([*alive, *self._family()], _KILLED_SECONDS)
+            self._processes = []
+
+    def _family(self) -> list[psutil.Process]:
         family: list[psutil.Process] = []
         for process in self._processes:
             try:
@@ -185,21 +210,19 @@ class DagsterServices:
                 family += [parent, *parent.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-        for member in family:
-            try:
-                member.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=timeout)
-        for member in alive:
-            try:
-                member.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=timeout)
-        for process in self._processes:
-            process.wait(timeout)
-        self._processes = []
+        return [member for member in family if member.is_running()]
+
+    def _wait(self, family: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+        """Until ``family`` has exited, or ``timeout``; those still running. Our own children
+        are reaped meanwhile; others are reaped by their parents, or by init."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for process in self._processes:
+                process.poll()
+            alive = wait_gone(family, 0)
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            time.sleep(0.05)
 
     def __enter__(self) -> DagsterServices:
         try:

@@ -7,15 +7,22 @@ fixture, so tests run against the servers users run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
 import shutil
+import signal
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
 import psycopg2
 from psycopg2 import sql
 
@@ -115,15 +122,16 @@ class LocalStack:
         try:
             warehouse_url = self._start_postgres()
             endpoint = self._start_s3()
+            dagster_home = self.root / "dagster_home"
+            if self.fresh:
+                shutil.rmtree(dagster_home, ignore_errors=True)
+            dagster_home.mkdir(exist_ok=True)
+            if not (dagster_home / "dagster.yaml").exists():
+                (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
         except BaseException:
+            # Ctrl-C or SIGTERM too, at any step: whatever started is stopped.
             self.stop()
             raise
-        dagster_home = self.root / "dagster_home"
-        if self.fresh:
-            shutil.rmtree(dagster_home, ignore_errors=True)
-        dagster_home.mkdir(exist_ok=True)
-        if not (dagster_home / "dagster.yaml").exists():
-            (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
         self.env = {
             **_LOCAL_AWS_ENV,
             "AWS_ENDPOINT_URL": endpoint,
@@ -144,12 +152,24 @@ class LocalStack:
 
         # pgserver logs every step at INFO; its failures still surface as exceptions.
         logging.getLogger("pgserver").setLevel(logging.WARNING)
+        pgdata = self.root / "pg"
+        # A first start that did not finish (a signal, a kill) can leave initdb's output half
+        # written, PG_VERSION included, and every later start would fail on it. It holds no
+        # data yet: the next start removes it and begins again.
+        unfinished = self.root / "pg.unfinished"
+        if unfinished.exists() and stop_postgres(pgdata):
+            if pgdata.exists():
+                shutil.rmtree(pgdata)
+            unfinished.unlink()
+        if not (pgdata / "PG_VERSION").exists():
+            unfinished.touch()
         try:
-            self._pg = pgserver.get_server(self.root / "pg", cleanup_mode="stop")
+            self._pg = pgserver.get_server(pgdata, cleanup_mode="stop")
         except Exception as error:
             raise ClickstreamError(
-                f"cannot start the embedded PostgreSQL in {self.root / 'pg'}: {error}"
+                f"cannot start the embedded PostgreSQL in {pgdata}: {error}"
             ) from None
+        unfinished.unlink(missing_ok=True)
         admin_url = self._pg.get_uri()
         conn = psycopg2.connect(admin_url)
         try:
@@ -175,9 +195,12 @@ class LocalStack:
         # One access-log line per request drowns the CLI's own output.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
-        self._s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=self.s3_port, verbose=False)
-        self._s3.start()
-        host, port = self._s3.get_host_and_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.s3_port, verbose=False)
+        # Kept once serving: an interrupt inside start() leaves a thread of this process, which
+        # ends with it (moto's stop() would wait for a server not yet made).
+        server.start()
+        self._s3 = server
+        host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         with _patched_env({**_LOCAL_AWS_ENV, "AWS_ENDPOINT_URL": endpoint}):
             ensure_bucket(s3_client(endpoint), self.bucket)
@@ -185,13 +208,16 @@ class LocalStack:
         return endpoint
 
     def stop(self) -> None:
-        """Stop the S3 server (its objects are in memory) and release PostgreSQL."""
-        if self._s3 is not None:
-            self._s3.stop()
-            self._s3 = None
-        if self._pg is not None:
-            self._pg.cleanup()
+        """Stop the S3 server (its objects are in memory) and PostgreSQL, unless another live
+        process uses the same data directory; within seconds, whatever a signal interrupted."""
+        with deferred_interrupts():
             self._pg = None
+            try:
+                if self._s3 is not None:
+                    self._s3.stop()
+                    self._s3 = None
+            finally:
+                stop_postgres(self.root / "pg")
 
     def __enter__(self) -> dict[str, str]:
         return self.start()
@@ -203,6 +229,148 @@ class LocalStack:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# PostgreSQL's fast shutdown (SIGINT: clients disconnected, a checkpoint written) takes under a
+# second here; if it does not end, its immediate shutdown (SIGQUIT), then SIGKILL. (SIGTERM is
+# its smart shutdown, which waits for every client to disconnect.)
+_PG_FAST_SECONDS = 4.0
+_PG_IMMEDIATE_SECONDS = 2.0
+# pgserver's lock (one for all its data directories on the machine) is held while any of them
+# starts, for seconds; past this the handle list is rewritten without it.
+_PG_LOCK_SECONDS = 2.0
+
+
+def stop_postgres(pgdata: Path) -> bool:
+    """Stop the embedded PostgreSQL on ``pgdata`` within seconds, unless another live process
+    holds a pgserver handle on it; whether none runs there now.
+
+    Not pgserver's ``cleanup()``: that stops the server only while the handle list in the data
+    directory holds this process alone, and a process that died without cleaning up (SIGKILL, a
+    crash) stays on the list for good, so the server would never be stopped again; it waits for
+    its lock and for ``pg_ctl stop`` without a bound; and it knows no server whose start an
+    interrupt cut short. This keeps pgserver's list, less this process and dead ones.
+    """
+    pgdata = pgdata.resolve()
+    if _other_handles(pgdata):
+        return False
+    postmasters = _postmasters(pgdata)
+    backends = [child for postmaster in postmasters for child in _children(postmaster)]
+    for postmaster in postmasters:
+        _signal(postmaster, signal.SIGINT)
+    alive = wait_gone(postmasters, _PG_FAST_SECONDS)
+    for postmaster in alive:
+        _signal(postmaster, signal.SIGQUIT)
+    alive = wait_gone(alive, _PG_IMMEDIATE_SECONDS)
+    for process in [*alive, *backends]:
+        _signal(process, signal.SIGKILL)
+    return not wait_gone([*alive, *backends], _PG_IMMEDIATE_SECONDS)
+
+
+def _other_handles(pgdata: Path) -> list[int]:
+    """Drop this process's pgserver handle on ``pgdata``; the live processes that hold one.
+
+    pgserver (pinned in pyproject.toml) keeps its servers in a class attribute and its handles
+    as a JSON list of pids in the data directory, under a lock for the machine. Should a release
+    keep them otherwise, this still reads the list (an unreadable one names no other process) and
+    leaves pgserver's own exit handler in place, which then finds the server stopped.
+    """
+    from pgserver.postgres_server import PostgresServer
+
+    instances = getattr(PostgresServer, "_instances", None)
+    server = instances.pop(pgdata, None) if isinstance(instances, dict) else None
+    # Its atexit cleanup would wait for the lock again, and this one is stopped.
+    cleanup = getattr(server, "_cleanup", None)
+    if cleanup is not None:
+        atexit.unregister(cleanup)
+    path = pgdata / ".handle_pids.json"
+    if not path.exists():
+        return []
+    lock = getattr(PostgresServer, "_lock", None)
+    locked = bool(lock is not None and lock.acquire(timeout=_PG_LOCK_SECONDS))
+    try:
+        try:
+            pids = [pid for pid in json.loads(path.read_text()) if isinstance(pid, int)]
+        except (OSError, ValueError, TypeError):
+            return []
+        others = [pid for pid in pids if pid != os.getpid() and _pid_running(pid)]
+        path.write_text(json.dumps(others))
+    finally:
+        if locked and lock is not None:
+            lock.release()
+    return others
+
+
+def _postmasters(pgdata: Path) -> list[psutil.Process]:
+    """PostgreSQL servers running on ``pgdata`` (initdb and pg_ctl name it too: not them)."""
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if (
+            process.info["name"] == "postgres"
+            and "-D" in cmdline[:-1]
+            and Path(cmdline[cmdline.index("-D") + 1]) == pgdata
+        ):
+            found.append(process)
+    return found
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, number: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process.send_signal(number)
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Until every process has exited or ``timeout`` passed; those still running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [process for process in processes if _running(process)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        return _running(psutil.Process(pid))
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _running(process: psutil.Process) -> bool:
+    # A zombie has exited: it waits for its parent (init, for an orphan) to reap it.
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a stop they
+    cut short would leave servers running, and every stop here is bounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are handled in the main thread only
+        return
+    received: list[int] = []
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        number: signal.signal(number, lambda n, _: received.append(n)) for number in numbers
+    }
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for deferred in dict.fromkeys(received):
+            signal.raise_signal(deferred)
 
 
 @contextlib.contextmanager
