@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed
 UV_VERSION := $(shell sed -n '/^name = "uv"$$/{n;s/^version = "\(.*\)"$$/\1/p;}' uv.lock)
 UV := $(BIN)/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
-# Test workers: one a core (each runs its own PostgreSQL and S3 server, ports and directories).
-JOBS ?= auto
+# Test workers (each runs its own PostgreSQL and S3 server, ports and directories): one more
+# than the cores, since the tests spend part of their time waiting for Dagster's daemons.
+JOBS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 1)')
 # Where `make test-latest` resolves the newest releases the ranges in pyproject.toml allow.
 LATEST := .venv-latest
 

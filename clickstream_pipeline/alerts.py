@@ -9,7 +9,7 @@ from typing import Any
 
 import dagster as dg
 
-from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.config import number_from_env
 from clickstream_pipeline.layout import stream_of
 from clickstream_pipeline.metrics import run_partitions
 from clickstream_pipeline.resources import WarehouseResource
@@ -18,24 +18,10 @@ from clickstream_pipeline.warehouse.base import recent_load_seconds, stream_tota
 MAX_RUNTIME_TAG = "dagster/max_runtime"
 
 
-def _env_number(name: str, default: float | None) -> float | None:
-    """A positive number from the environment (unset or empty: ``default``)."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ClickstreamError(f"{name} must be a positive number of seconds or a factor: {text!r}")
-    return value
-
-
 def max_runtime_tags() -> dict[str, str]:
     """Run tags that let Dagster's run monitoring stop a load run after
     CLICKSTREAM_LOAD_MAX_RUNTIME_SECONDS (none when unset)."""
-    seconds = _env_number("CLICKSTREAM_LOAD_MAX_RUNTIME_SECONDS", None)
+    seconds = number_from_env("CLICKSTREAM_LOAD_MAX_RUNTIME_SECONDS", None)
     return {} if seconds is None else {MAX_RUNTIME_TAG: str(int(seconds))}
 
 
@@ -58,12 +44,12 @@ class AlertResource(dg.ConfigurableResource):
     def slow_rules(self) -> tuple[float, float, float]:
         """(multiple, minimum seconds, cap seconds) for the slow-load alert."""
         return (
-            self.slow_multiple or _env_number("CLICKSTREAM_SLOW_LOAD_MULTIPLE", 5.0) or 5.0,
+            self.slow_multiple or number_from_env("CLICKSTREAM_SLOW_LOAD_MULTIPLE", 5.0) or 5.0,
             self.slow_min_seconds
             if self.slow_min_seconds is not None
-            else _env_number("CLICKSTREAM_SLOW_LOAD_MIN_SECONDS", 300.0) or 300.0,
+            else number_from_env("CLICKSTREAM_SLOW_LOAD_MIN_SECONDS", 300.0) or 300.0,
             self.slow_max_seconds
-            or _env_number("CLICKSTREAM_SLOW_LOAD_MAX_SECONDS", 3600.0)
+            or number_from_env("CLICKSTREAM_SLOW_LOAD_MAX_SECONDS", 3600.0)
             or 3600.0,
         )
 

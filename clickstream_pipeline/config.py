@@ -31,6 +31,34 @@ def secret_from_env(name: str, environ: Mapping[str, str] | None = None) -> str 
         raise ClickstreamError(f"cannot read {name}_FILE {path}: {error.strerror}") from None
 
 
+def number_from_env(name: str, default: float | None) -> float | None:
+    """A positive number from the environment (unset or empty: ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ClickstreamError(f"{name} must be a positive number of seconds or a factor: {text!r}")
+    return value
+
+
+# How often each sensor runs, by default and from the environment (whole seconds; Dagster's
+# sensor daemon looks at its sensors every 5 seconds, so less than that is 5 in effect).
+SENSOR_INTERVALS = {
+    "registry_sync_sensor": ("CLICKSTREAM_REGISTRY_SYNC_INTERVAL_SECONDS", 15),
+    "s3_discovery_sensor": ("CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS", 30),
+}
+
+
+def sensor_interval(sensor: str) -> int:
+    """The minimum seconds between two ticks of ``sensor`` (``SENSOR_INTERVALS``)."""
+    name, default = SENSOR_INTERVALS[sensor]
+    return max(1, round(number_from_env(name, default) or default))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the pipeline reads from and writes to (``CLICKSTREAM_*`` variables)."""

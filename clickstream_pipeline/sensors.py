@@ -14,6 +14,7 @@ import dagster as dg
 
 from clickstream_pipeline.alerts import max_runtime_tags
 from clickstream_pipeline.batch import raw_materialization
+from clickstream_pipeline.config import sensor_interval
 from clickstream_pipeline.discovery import PendingPartition, list_streams, pending_partitions
 from clickstream_pipeline.jobs import PARTITIONS_TAG, load_partitions_job, run_config_for
 from clickstream_pipeline.layout import load_key
@@ -66,7 +67,7 @@ def build_registry_sync_sensor(
 
     @dg.sensor(
         name="registry_sync_sensor",
-        minimum_interval_seconds=15,
+        minimum_interval_seconds=sensor_interval("registry_sync_sensor"),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Reloads the code location when the registry's tables change, so added "
         "tables become assets and removed ones stop loading, without a redeploy.",
@@ -130,7 +131,7 @@ def build_s3_discovery_sensor(loaded: tuple[Stream, ...]) -> dg.SensorDefinition
     @dg.sensor(
         name="s3_discovery_sensor",
         job=load_partitions_job,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=sensor_interval("s3_discovery_sensor"),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Reports new, late or rewritten raw files as raw partitions and requests "
         "batch loads of their completed hours.",

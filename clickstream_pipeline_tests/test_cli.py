@@ -116,25 +116,34 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.startswith(f"Usage: clickstream {' '.join(command)}".rstrip())
 
 
-@pytest.mark.slow(seconds=220)
-def test_the_scale_bench_measures_against_a_given_bucket_and_leaves_it_as_it_was(
+@pytest.mark.slow(seconds=300)
+def test_the_quick_bench_runs_every_part_and_measures_s3_against_a_given_bucket(
     pipeline: dict[str, str], tmp_path: Path
 ) -> None:
     import json
 
-    # The session's S3 server stands in for S3: the bench must send its requests there, with
-    # this environment's credentials, not to the local server it starts for PostgreSQL.
+    from clickstream_pipeline.cli.bench import PARTS
+
+    # The session's S3 server stands in for S3: the scale part must send its requests there,
+    # with this environment's credentials, not to the local server it starts for PostgreSQL.
     bucket = pipeline["CLICKSTREAM_BUCKET"]
     done = run_cli(
-        *("bench", "--quick", "--only", "scale", "--s3-bucket", bucket, "--output", str(tmp_path)),
-        env=pipeline,
+        *("bench", "--quick", "--s3-bucket", bucket, "--output", str(tmp_path)), env=pipeline
     )
 
     assert done.returncode == 0, done.stderr[-2000:]
-    scale = json.loads((tmp_path / "results.json").read_text())["scale"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"quick", *PARTS}
+    finished = [line.partition(" done in ")[0] for line in done.stderr.splitlines()]
+    assert [line for line in finished if line.startswith("bench: ")] == [
+        line for part in PARTS for line in (f"bench: {part} ...", f"bench: {part}")
+    ]
+    scale = results["scale"]
     assert scale["s3"] == f"s3://{bucket}"
     assert scale["discovery_first_tick"]["partitions_requested"] == 40  # 20 streams, 2 hours
     assert scale["discovery_steady_tick"]["s3_requests"] == {"ListObjectsV2": 20}
     assert scale["backfill_listing"]["s3_server_cpu_seconds"] is None
     assert f"S3: s3://{bucket}" in (tmp_path / "benchmarks.md").read_text()
+    assert (tmp_path / "benchmarks.png").stat().st_size > 0
+    assert "goals" in done.stdout
     assert list_keys(bucket) == []

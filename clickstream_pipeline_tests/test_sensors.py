@@ -232,3 +232,28 @@ def test_registry_sync_takes_a_missing_registry_as_empty(
 
     assert isinstance(result, dg.SensorResult)
     assert result.skip_reason == dg.SkipReason("the code location has every registered table (0)")
+
+
+def test_sensor_intervals_default_to_the_production_cadence_and_follow_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in (
+        "CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS",
+        "CLICKSTREAM_REGISTRY_SYNC_INTERVAL_SECONDS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert build_s3_discovery_sensor(()).minimum_interval_seconds == 30
+    assert build_registry_sync_sensor((), None).minimum_interval_seconds == 15
+
+    monkeypatch.setenv("CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS", "12")
+    monkeypatch.setenv("CLICKSTREAM_REGISTRY_SYNC_INTERVAL_SECONDS", "7.4")
+    assert build_s3_discovery_sensor(()).minimum_interval_seconds == 12
+    assert build_registry_sync_sensor((), None).minimum_interval_seconds == 7
+
+    monkeypatch.setenv("CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS", "soon")
+    with pytest.raises(ClickstreamError) as error:
+        build_s3_discovery_sensor(())
+    assert str(error.value) == (
+        "CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS must be a positive number of seconds or a "
+        "factor: 'soon'"
+    )
