@@ -45,7 +45,8 @@ lint: install  ## ruff (lint and format) and mypy
 unit: install  ## the test suite alone, in parallel
 	$(BIN)/pytest -n $(JOBS) --maxschedchunk 1 --durations=15
 
-test: lint unit  ## what CI runs
+test: install  ## what CI runs: the lint and the suite, side by side (each one's output whole)
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint unit
 
 # Not part of CI's gate: finds what the next releases of our dependencies break, before a
 # newcomer does. The scratch environment ignores uv.lock; the lock is left as it is.
