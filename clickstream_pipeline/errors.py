@@ -17,3 +17,8 @@ def first_line(error: BaseException) -> str:
 
 class ServiceUnavailable(ClickstreamError):
     """A service (the warehouse, S3) cannot be reached; worth retrying with backoff."""
+
+
+class WriteConflict(ClickstreamError):
+    """The warehouse aborted a transaction that conflicted with a concurrent one (Redshift's
+    ERROR 1023); the transaction is worth running again."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 import psycopg2
 from botocore.exceptions import BotoCoreError, ClientError
 
-from clickstream_pipeline.errors import ServiceUnavailable, first_line
+from clickstream_pipeline.errors import ServiceUnavailable, WriteConflict, first_line
 from clickstream_pipeline.layout import hour_prefix, parse_raw_key, quarantine_key
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
@@ -154,9 +154,10 @@ def _valid_records(
 
 
 # Errors worth retrying: the network, S3 throttling or 5xx, a warehouse connection drop, a file
-# rewritten between listing and reading.
+# rewritten between listing and reading, a transaction aborted for a concurrent one's sake.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ServiceUnavailable,
+    WriteConflict,
     BotoCoreError,
     ClientError,
     psycopg2.OperationalError,

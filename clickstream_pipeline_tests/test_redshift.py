@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from typing import TypeVar
 
 import orjson
 import psycopg2
 import pytest
 
-from clickstream_pipeline.errors import ClickstreamError
+from clickstream_pipeline.errors import ClickstreamError, WriteConflict
 from clickstream_pipeline.layout import raw_key
-from clickstream_pipeline.loader import LoadOutcome, RawStore, load_partition, with_retries
+from clickstream_pipeline.loader import (
+    TRANSIENT_ERRORS,
+    LoadOutcome,
+    RawStore,
+    load_partition,
+    with_retries,
+)
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
@@ -28,12 +37,16 @@ from clickstream_pipeline_tests.helpers import (
     record,
 )
 from clickstream_pipeline_tests.redshift_on_postgres import (
+    SERIALIZABLE,
+    SNAPSHOT,
     Faults,
     RedshiftOnPostgres,
     install_shims,
 )
 
-H1, H2 = recent_hour(3), recent_hour(2)
+T = TypeVar("T")
+
+H0, H1, H2 = recent_hour(4), recent_hour(3), recent_hour(2)
 ROLE = "arn:aws:iam::123456789012:role/clickstream-copy"
 URL = f"redshift://loader:s3cret@example.abc123.us-east-1.redshift.amazonaws.com:5439/dev?iam_role={ROLE}"
 
@@ -159,7 +172,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     )
     sent = [statement for statement, _ in engine.statements]
     assert first.new_columns == ["product_id", "quantity"]
-    assert sent[:3] == [
+    assert sent[:5] == [
         'CREATE SCHEMA IF NOT EXISTS "clickstream"',
         'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, '
         "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
@@ -169,11 +182,15 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
         "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
         "DISTSTYLE ALL SORTKEY (stream, hour)",
+        "COMMIT",
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_schema = 'clickstream' AND table_name = 'load_ledger'",
+        "ROLLBACK",
     ]
-    assert sent[3:] == [
+    # Every check ends its transaction; each transaction that writes begins with its LOCK.
+    assert sent[5:] == [
         ledger_check,
+        "ROLLBACK",
         f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"',
         f"CREATE TABLE IF NOT EXISTS {table} (message_id VARCHAR(256) NOT NULL, user_id "
         "VARCHAR(256), anonymous_id VARCHAR(256), event_name VARCHAR(256), event_timestamp "
@@ -181,13 +198,18 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "context SUPER, _hour TIMESTAMPTZ NOT NULL, _source_key VARCHAR(1024) NOT NULL, "
         "_loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE()) DISTKEY (message_id) SORTKEY "
         "(received_at)",
-        "SELECT COUNT(*) FROM stv_slices",
+        "COMMIT",
         "SELECT column_name, data_type FROM information_schema.columns "
         "WHERE table_schema = %s AND table_name = %s",
-        f'ALTER TABLE {table} ADD COLUMN "product_id" VARCHAR(65535)',
-        f'ALTER TABLE {table} ADD COLUMN "quantity" BIGINT',
+        "ROLLBACK",
         f"LOCK {table}",
-        ledger_check,
+        f'ALTER TABLE {table} ADD COLUMN "product_id" VARCHAR(65535)',
+        "COMMIT",
+        f"LOCK {table}",
+        f'ALTER TABLE {table} ADD COLUMN "quantity" BIGINT',
+        "COMMIT",
+        "SELECT COUNT(*) FROM stv_slices",
+        "ROLLBACK",
         'CREATE TEMP TABLE "_clickstream_staging" ("message_id" VARCHAR(256) NOT NULL, '
         '"user_id" VARCHAR(256), "anonymous_id" VARCHAR(256), "event_name" VARCHAR(256), '
         '"event_timestamp" TIMESTAMPTZ, "sent_at" TIMESTAMPTZ, "received_at" TIMESTAMPTZ NOT NULL, '
@@ -198,6 +220,9 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         f"'{staged}/manifest.json' IAM_ROLE '{ROLE}' MANIFEST GZIP FORMAT AS JSON "
         f"'{staged}/jsonpaths.json' TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF",
         'SELECT COUNT(*) FROM "_clickstream_staging"',
+        "COMMIT",
+        f"LOCK {table}",
+        ledger_check,
         f"DELETE FROM {table} WHERE _hour = %(hour)s",
         f'INSERT INTO {table} ("message_id", "user_id", "anonymous_id", "event_name", '
         '"event_timestamp", "sent_at", "received_at", "properties", "context", "_hour", '
@@ -208,12 +233,15 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         'message_id ORDER BY _source_key, _line) AS _copy FROM "_clickstream_staging") s '
         f"WHERE s._copy = 1 AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.message_id = "
         "s.message_id)",
+        "COMMIT",
+        'LOCK "clickstream"."load_ledger"',
         'DELETE FROM "clickstream"."load_ledger" WHERE stream = %(stream)s AND hour = %(hour)s',
         'INSERT INTO "clickstream"."load_ledger" (stream, hour, load_id, fingerprint, files, '
         "records_read, rows_loaded, duplicates, quarantined, new_columns, run_id, seconds, "
         "files_read, bytes_read) VALUES (%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, "
         "%(files)s, %(records_read)s, %(rows_loaded)s, %(duplicates)s, %(quarantined)s, "
         "%(new_columns)s, %(run_id)s, %(seconds)s, %(files_read)s, %(bytes_read)s)",
+        "COMMIT",
     ]
     assert [p for _, p in engine.statements if p == params][:1] == [params]
 
@@ -224,23 +252,14 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     assert second.new_columns == [] and second.rows_loaded == 2
     kinds = [statement.split(" ")[0] for statement, _ in engine.statements]
     assert kinds == [
-        "CREATE",
-        "CREATE",
-        "SELECT",
-        "SELECT",
-        "CREATE",
-        "CREATE",
-        "SELECT",
-        "SELECT",
-        "LOCK",
-        "SELECT",
-        "CREATE",
-        "COPY",
-        "SELECT",
-        "DELETE",
-        "INSERT",
-        "DELETE",
-        "INSERT",
+        *("CREATE", "CREATE", "COMMIT", "SELECT", "ROLLBACK"),  # the ledger, once per object
+        *("SELECT", "ROLLBACK"),  # loaded already?
+        *("CREATE", "CREATE", "COMMIT"),  # the table, once per object
+        *("SELECT", "ROLLBACK"),  # its columns
+        *("SELECT", "ROLLBACK"),  # the slices, once per object
+        *("CREATE", "COPY", "SELECT", "COMMIT"),  # staging, no lock
+        *("LOCK", "SELECT", "DELETE", "INSERT", "COMMIT"),  # the rows
+        *("LOCK", "DELETE", "INSERT", "COMMIT"),  # the ledger row
     ]
     assert not any("ALTER TABLE" in statement for statement, _ in engine.statements)
 
@@ -450,10 +469,11 @@ def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
     load(pipeline, redshift(pipeline, engine), stream, H1)
 
     sent = [statement for statement, _ in engine.statements]
-    assert sent[3:6] == [
-        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN seconds DOUBLE PRECISION',
-        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN files_read BIGINT',
-        'ALTER TABLE "clickstream"."load_ledger" ADD COLUMN bytes_read BIGINT',
+    ledger = '"clickstream"."load_ledger"'
+    assert sent[5:14] == [
+        *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN seconds DOUBLE PRECISION", "COMMIT"),
+        *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN files_read BIGINT", "COMMIT"),
+        *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN bytes_read BIGINT", "COMMIT"),
     ]
     rows = query(
         old,
@@ -462,3 +482,225 @@ def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
         (str(stream),),
     )
     assert rows == [(H1, True, 1, True), (H2, False, None, None)]
+
+
+# --- concurrent loads, as Redshift isolates them -----------------------------------------------
+# Each case runs the loads of one batch (threads sharing one warehouse object) or of two runs
+# (a warehouse object each, as a sensor run and a backfill have) at once, made to overlap at
+# the same statement every time, under both of Redshift's isolation levels.
+
+ISOLATIONS = pytest.mark.parametrize("isolation", [SNAPSHOT, SERIALIZABLE])
+
+
+def at_once(*actions: Callable[[], T]) -> list[T]:
+    """Run the actions in threads at once; each one's value, or its error raised here."""
+    with ThreadPoolExecutor(len(actions)) as pool:
+        futures = [pool.submit(action) for action in actions]
+        return [future.result(timeout=120) for future in futures]
+
+
+def retried(
+    pipeline: dict[str, str], warehouse: RedshiftWarehouse, stream: Stream, hour: datetime
+) -> Callable[[], LoadOutcome]:
+    """A load as a batch runs it: retried on transient errors."""
+    return lambda: with_retries(
+        lambda: load(pipeline, warehouse, stream, hour), base_delay=0.01, max_delay=0.1
+    )
+
+
+def rows_and_ids(url: str, stream: Stream) -> tuple[int, int]:
+    [(rows, ids)] = query(
+        url,
+        f'SELECT COUNT(*), COUNT(DISTINCT message_id) FROM "{stream.customer}"."{stream.event}"',
+    )
+    return rows, ids
+
+
+def ledger_rows(url: str, stream: Stream) -> list[tuple[datetime, int]]:
+    return query(
+        url,
+        'SELECT hour, COUNT(*) FROM "clickstream"."load_ledger" WHERE stream = %s '
+        "GROUP BY hour ORDER BY hour",
+        (str(stream),),
+    )
+
+
+def existing(pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream) -> None:
+    """The stream's table and the ledger as a running deployment has them: an hour loaded."""
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H0, "a", [record("h0", H0)])
+    load(pipeline, redshift(pipeline, engine), stream, H0)
+
+
+@ISOLATIONS
+def test_two_runs_loading_one_partition_at_once_load_it_once(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream, isolation: str
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    existing(pipeline, engine, stream)
+    put_file(
+        pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record(f"m{i}", H1) for i in range(20)]
+    )
+    engine.isolation = isolation
+    engine.overlap(2)  # both at their first LOCK
+
+    outcomes = at_once(
+        retried(pipeline, redshift(pipeline, engine), stream, H1),
+        retried(pipeline, redshift(pipeline, engine), stream, H1),
+    )
+
+    assert rows_and_ids(url, stream) == (21, 21)
+    assert ledger_rows(url, stream) == [(H0, 1), (H1, 1)]
+    # Each run either loaded the hour (the later one replacing it with the same rows) or found
+    # it in the ledger.
+    assert [o.rows_loaded for o in outcomes if not o.skipped] in ([20], [20, 20])
+
+
+@ISOLATIONS
+def test_two_hours_sharing_a_message_id_loaded_at_once_keep_it_once(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream, isolation: str
+) -> None:
+    url, bucket = pipeline["CLICKSTREAM_WAREHOUSE_URL"], pipeline["CLICKSTREAM_BUCKET"]
+    existing(pipeline, engine, stream)
+    put_file(bucket, stream, H1, "a", [record("shared", H1), record("h1", H1)])
+    put_file(bucket, stream, H2, "a", [record("shared", H2), record("h2", H2)])
+    engine.isolation = isolation
+    engine.overlap(2)
+    warehouse = redshift(pipeline, engine)  # one batch: one warehouse object, two threads
+
+    first, second = at_once(
+        retried(pipeline, warehouse, stream, H1), retried(pipeline, warehouse, stream, H2)
+    )
+
+    assert rows_and_ids(url, stream) == (4, 4)
+    assert sorted(message_ids(url, stream)) == ["h0", "h1", "h2", "shared"]
+    assert (first.rows_loaded + second.rows_loaded, first.duplicates + second.duplicates) == (3, 1)
+    assert ledger_rows(url, stream) == [(H0, 1), (H1, 1), (H2, 1)]
+
+
+@ISOLATIONS
+def test_four_streams_loaded_at_once_never_conflict(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, customer: str, isolation: str
+) -> None:
+    url, bucket = pipeline["CLICKSTREAM_WAREHOUSE_URL"], pipeline["CLICKSTREAM_BUCKET"]
+    streams = [Stream(customer, f"event_{n}") for n in range(4)]
+    for stream in streams:
+        put_file(bucket, stream, H1, "a", [record(f"{stream.event}-{i}", H1) for i in range(5)])
+    engine.isolation = isolation
+    engine.overlap(4)
+    warehouse = redshift(pipeline, engine)
+
+    outcomes = at_once(*(retried(pipeline, warehouse, stream, H1) for stream in streams))
+
+    assert [o.rows_loaded for o in outcomes] == [5, 5, 5, 5]
+    assert [rows_and_ids(url, stream) for stream in streams] == [(5, 5)] * 4
+    assert [ledger_rows(url, stream) for stream in streams] == [[(H1, 1)]] * 4
+    assert engine.aborts == []  # not even one conflict to retry
+
+
+@ISOLATIONS
+@pytest.mark.parametrize("runs", ["one batch", "two runs"])
+def test_two_hours_bringing_the_same_new_property_at_once_both_load(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream, isolation: str, runs: str
+) -> None:
+    url, bucket = pipeline["CLICKSTREAM_WAREHOUSE_URL"], pipeline["CLICKSTREAM_BUCKET"]
+    put_file(bucket, stream, H1, "a", [record("old", H1)])
+    load(pipeline, redshift(pipeline, engine), stream, H1)  # the table, without the property
+    put_file(bucket, stream, H2, "a", [record("a", H2, coupon="A1")])
+    put_file(bucket, stream, recent_hour(1), "a", [record("b", recent_hour(1), coupon="B2")])
+    engine.isolation = isolation
+    # Both hours add the column at once (a loader that adds one stream's columns one load at
+    # a time lets the second go on after the barrier's timeout).
+    engine.overlap(2, before="ALTER TABLE", timeout=3)
+    shared = redshift(pipeline, engine)
+    first, second = (
+        (shared, shared)
+        if runs == "one batch"
+        else (redshift(pipeline, engine), redshift(pipeline, engine))
+    )
+
+    at_once(retried(pipeline, first, stream, H2), retried(pipeline, second, stream, recent_hour(1)))
+
+    table = f'"{stream.customer}"."{stream.event}"'
+    assert query(url, f"SELECT message_id, coupon FROM {table} ORDER BY message_id") == [
+        ("a", "A1"),
+        ("b", "B2"),
+        ("old", None),
+    ]
+    assert len(ledger_rows(url, stream)) == 3
+
+
+@ISOLATIONS
+@pytest.mark.parametrize("runs", ["one batch", "two runs"])
+def test_the_first_loads_of_a_new_table_at_once_both_load(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream, isolation: str, runs: str
+) -> None:
+    url, bucket = pipeline["CLICKSTREAM_WAREHOUSE_URL"], pipeline["CLICKSTREAM_BUCKET"]
+    existing(pipeline, engine, Stream(f"{stream.customer}_w", stream.event))  # the ledger
+    put_file(bucket, stream, H1, "a", [record("a", H1, coupon="A1")])
+    put_file(bucket, stream, H2, "a", [record("b", H2, coupon="B2")])
+    engine.isolation = isolation
+    engine.overlap(2, before=f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"', timeout=3)
+    shared = redshift(pipeline, engine)
+    first, second = (
+        (shared, shared)
+        if runs == "one batch"
+        else (redshift(pipeline, engine), redshift(pipeline, engine))
+    )
+
+    at_once(retried(pipeline, first, stream, H1), retried(pipeline, second, stream, H2))
+
+    table = f'"{stream.customer}"."{stream.event}"'
+    assert query(url, f"SELECT message_id, coupon FROM {table} ORDER BY message_id") == [
+        ("a", "A1"),
+        ("b", "B2"),
+    ]
+    assert ledger_rows(url, stream) == [(H1, 1), (H2, 1)]
+
+
+def test_a_conflict_abort_is_retried_and_names_the_table(
+    pipeline: dict[str, str],
+    engine: RedshiftOnPostgres,
+    stream: Stream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+    engine.faults = Faults(conflicts_at_commit=1)
+
+    outcome = retried(pipeline, redshift(pipeline, engine), stream, H1)()
+
+    assert (outcome.rows_loaded, rows_and_ids(url, stream)) == (1, (1, 1))
+    assert ledger_rows(url, stream) == [(H1, 1)]
+    detail = f"Serializable isolation violation on table - {stream}, transactions forming the cycle"
+    [warning] = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert f"Redshift aborted the load of {stream} {H1:%Y-%m-%d %H}:00 for a concurrent " in warning
+    assert f"(ERROR 1023: {detail}" in warning
+
+    # One that keeps conflicting fails, as a transient failure a step retry may pass.
+    engine.faults = Faults(conflicts_at_commit=10)
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H2, "a", [record("m2", H2)])
+    with pytest.raises(WriteConflict) as raised:
+        retried(pipeline, redshift(pipeline, engine), stream, H2)()
+    assert isinstance(raised.value, TRANSIENT_ERRORS)
+    assert str(raised.value).startswith(
+        f"Redshift aborted the load of {stream} {H2:%Y-%m-%d %H}:00"
+    )
+    assert len(engine.aborts) == 1 + 4  # every attempt
+    assert message_ids(url, stream) == {"m1": H1}
+
+
+def test_a_crash_between_the_data_commit_and_the_ledger_commit_only_reloads_the_same_rows(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    put_file(
+        pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record(f"m{i}", H1) for i in range(30)]
+    )
+    engine.faults = Faults(disconnect_after_data_commit=1)
+
+    outcome = retried(pipeline, redshift(pipeline, engine), stream, H1)()
+
+    assert engine.faults.disconnect_after_data_commit == 0  # the crash happened
+    assert (outcome.skipped, outcome.rows_loaded, outcome.rows_replaced) == (False, 30, 30)
+    assert rows_and_ids(url, stream) == (30, 30)
+    assert ledger_rows(url, stream) == [(H1, 1)]

@@ -1,15 +1,27 @@
-"""Amazon Redshift: staged gzip parts + manifest in S3, COPY ... MANIFEST, one-transaction merge.
+"""Amazon Redshift: staged gzip parts + manifest in S3, COPY ... MANIFEST, a short locked merge.
 
 The way Redshift is meant to be loaded: Python validates and flattens the partition's records
 into a few similar-size gzip JSON parts under ``staged/<stream>/<hour>/<load id>/`` with a
 manifest listing exactly those parts (``"mandatory": true``) and a JSONPaths file mapping every
-column explicitly (never ``JSON 'auto'``, which drops unknown keys silently). Then, in one
-transaction: lock the table, re-check the ledger, ``COPY`` into a temporary staging table,
-delete the hour's rows, insert the first copy of each message not already in the table
-(``properties``/``context`` via ``JSON_PARSE`` into SUPER), write the ledger row, commit.
+column explicitly (never ``JSON 'auto'``, which drops unknown keys silently).
 
-Because a started COPY survives a client disconnect, every attempt first reads the ledger: a
-partition whose fingerprint is already there is never loaded twice.
+Then three transactions, each as short as it can be, because Redshift takes a transaction's
+snapshot at its first statement other than LOCK and aborts conflicting concurrent ones (ERROR
+1023) under both of its isolation levels (``docs/redshift.md``):
+
+1. ``COPY`` into the session's temporary staging table. No lock is held, so readers of the
+   table are not stalled while the files are read from S3.
+2. ``LOCK`` the table first, then re-check the ledger (it now sees every load that committed
+   while this one waited), delete the hour's rows, insert the first copy of each message not
+   already in the table (``properties``/``context`` via ``JSON_PARSE`` into SUPER), commit.
+3. ``LOCK`` the ledger first, then replace the partition's ledger row, commit. Loads of
+   different tables never touch one table in the same transaction, so they never conflict.
+
+A crash between 2 and 3 leaves the rows without their ledger row: the next attempt replaces the
+hour with the same rows. Because a started COPY survives a client disconnect, every attempt first
+reads the ledger (outside any load transaction): a partition whose fingerprint is already there
+is never loaded twice. Nothing holds a snapshot across the S3 work: each check ends its
+transaction at once.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import gzip
 import math
 import re
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,7 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import orjson
 import psycopg2
 
-from clickstream_pipeline.errors import ClickstreamError, first_line
+from clickstream_pipeline.errors import ClickstreamError, WriteConflict, first_line
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.records import (
     KIND_BOOLEAN,
@@ -318,6 +331,7 @@ def load_statements(
     """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
     return {
         "lock": f"LOCK {table_name(stream)}",
+        "lock_ledger": f"LOCK {LEDGER}",
         "loaded": f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
         "staging": staging_sql(columns),
         "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
@@ -333,6 +347,27 @@ def load_statements(
             "%(new_columns)s, %(run_id)s, %(seconds)s, %(files_read)s, %(bytes_read)s)"
         ),
     }
+
+
+# What a loader that lost a race to create the same schema, table or column sees (PostgreSQL
+# may also report the race as a unique violation in its catalog).
+_DDL_RACES = (
+    psycopg2.errors.DuplicateSchema,
+    psycopg2.errors.DuplicateTable,
+    psycopg2.errors.DuplicateObject,
+    psycopg2.errors.DuplicateColumn,
+    psycopg2.errors.UniqueViolation,
+)
+DDL_ATTEMPTS = 3
+CONFLICT = "1023"  # Redshift's primary message for a transaction aborted by a conflict
+
+
+def conflict_detail(error: psycopg2.Error) -> str | None:
+    """The DETAIL of Redshift's ERROR 1023 (it names the table), or None for other errors."""
+    diag = getattr(error, "diag", None)
+    if error.pgcode != "XX000" or diag is None or diag.message_primary != CONFLICT:
+        return None
+    return (diag.message_detail or "").strip() or "no detail"
 
 
 LOAD_ERRORS_SQL = (
@@ -456,35 +491,51 @@ class RedshiftWarehouse:
         self._connect = connect
         self._ready: set[str] = set()
         self._slices = 1
+        self._stream_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     def connection(self) -> contextlib.AbstractContextManager[Any]:
         return open_connection(lambda: self._connect(self.config))
 
+    def _stream_lock(self, stream: Stream) -> threading.Lock:
+        """One lock a stream within this process: its loads change its columns one at a time."""
+        with self._locks_guard:
+            return self._stream_locks.setdefault(stream.key, threading.Lock())
+
     def _ddl(self, conn: Any, key: str, statements: Iterable[str]) -> None:
-        """Run idempotent DDL once per warehouse object, each statement committed."""
+        """Run idempotent DDL once per warehouse object, committed. A loader in another process
+        that creates the same objects at once makes one of the two fail; that one rolls back
+        and runs the DDL again, which then finds them there."""
         if key in self._ready:
             return
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-        conn.commit()
+        for attempt in range(1, DDL_ATTEMPTS + 1):
+            try:
+                with conn.cursor() as cur:
+                    for statement in statements:
+                        cur.execute(statement)
+                conn.commit()
+                break
+            except _DDL_RACES:
+                conn.rollback()
+                if attempt == DDL_ATTEMPTS:
+                    raise
         self._ready.add(key)
 
     def _ensure_ledger(self, conn: Any) -> None:
         """Create the ledger, or add the columns an older ledger lacks (once per object)."""
         if "ledger" in self._ready:
             return
+        self._ddl(conn, "ledger-table", LEDGER_DDL)
         with conn.cursor() as cur:
-            for statement in LEDGER_DDL:
-                cur.execute(statement)
             cur.execute(LEDGER_COLUMNS_SQL)
             present = {str(row[0]) for row in cur.fetchall()}
-        conn.commit()
+        conn.rollback()
         for column, column_type in LEDGER_ADDED_COLUMNS:
             if column in present:
                 continue
             try:
                 with conn.cursor() as cur:
+                    cur.execute(f"LOCK {LEDGER}")
                     cur.execute(f"ALTER TABLE {LEDGER} ADD COLUMN {column} {column_type}")
                 conn.commit()
             except psycopg2.errors.DuplicateColumn:
@@ -550,22 +601,34 @@ class RedshiftWarehouse:
         records: Iterable[tuple[str, ValidRecord]],
         stats: ReadStats,
     ) -> LoadResult:
+        try:
+            return self._load(load, records, stats)
+        except psycopg2.Error as error:
+            detail = conflict_detail(error)
+            if detail is None:
+                raise
+            raise WriteConflict(
+                f"Redshift aborted the load of {load.stream} {load.hour:%Y-%m-%d %H}:00 for a "
+                f"concurrent transaction (ERROR 1023: {detail})"
+            ) from None
+
+    def _load(
+        self,
+        load: PartitionLoad,
+        records: Iterable[tuple[str, ValidRecord]],
+        stats: ReadStats,
+    ) -> LoadResult:
         stream = load.stream
         with self.connection() as conn:
             self._ensure_ledger(conn)
             if self._loaded(conn, load):
-                conn.rollback()
                 return LoadResult(skipped=True)
-            self._ddl(conn, f"table:{stream}", create_table_sql(stream))
-            if self.config.parts is None and "slices" not in self._ready:
-                with conn.cursor() as cur:
-                    cur.execute(SLICES_SQL)
-                    row = cur.fetchone()
-                self._slices = max(1, int(row[0])) if row else 1
-                self._ready.add("slices")
             with tempfile.TemporaryFile() as spool:
                 _spool(records, spool)
-                columns, new_columns = self._ensure_columns(conn, stream, stats)
+                with self._stream_lock(stream):
+                    self._ddl(conn, f"table:{stream}", create_table_sql(stream))
+                    columns, new_columns = self._ensure_columns(conn, stream, stats)
+                self._count_slices(conn)
                 staged = self._stage(load, spool, columns)
             try:
                 result = self._merge(conn, load, staged, columns, stats, new_columns)
@@ -576,30 +639,58 @@ class RedshiftWarehouse:
         return result
 
     def _loaded(self, conn: Any, load: PartitionLoad) -> bool:
+        """Whether the ledger holds this load's fingerprint (a read that ends its transaction,
+        so no snapshot outlives it)."""
         with conn.cursor() as cur:
             cur.execute(
                 f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
                 {"stream": load.stream.key, "hour": load.hour},
             )
             row = cur.fetchone()
+        conn.rollback()
         return row is not None and row[0] == load.fingerprint
+
+    def _count_slices(self, conn: Any) -> None:
+        """The cluster's slice count, once per object (unless ``parts=`` sets the parts)."""
+        if self.config.parts is not None or "slices" in self._ready:
+            return
+        with conn.cursor() as cur:
+            cur.execute(SLICES_SQL)
+            row = cur.fetchone()
+        conn.rollback()
+        self._slices = max(1, int(row[0])) if row else 1
+        self._ready.add("slices")
 
     def _ensure_columns(
         self, conn: Any, stream: Stream, stats: ReadStats
     ) -> tuple[list[tuple[str, str, str]], list[str]]:
-        """The property columns to stage (prop, column, kind), adding new ones one by one."""
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema = %s AND table_name = %s",
-                (stream.customer, stream.event),
-            )
-            columns = PropertyColumns(dict(cur.fetchall()), _KIND_OF_TYPE)
-            new = columns.add(stats.property_kinds)
-            for column, kind in new:
-                cur.execute(add_column_sql(stream, column, kind))
-                conn.commit()
-        return columns.by_column(), [column for column, _ in new]
+        """The property columns to stage (prop, column, kind), adding new ones one by one, each
+        in a transaction that locks the table first. A column another process adds at the same
+        moment makes this one's ALTER fail: it rolls back and reads the catalog again."""
+        added: list[str] = []
+        for attempt in range(1, DDL_ATTEMPTS + 1):
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = %s AND table_name = %s",
+                    (stream.customer, stream.event),
+                )
+                columns = PropertyColumns(dict(cur.fetchall()), _KIND_OF_TYPE)
+            conn.rollback()
+            try:
+                for column, kind in columns.add(stats.property_kinds):
+                    with conn.cursor() as cur:
+                        cur.execute(f"LOCK {table_name(stream)}")
+                        cur.execute(add_column_sql(stream, column, kind))
+                    conn.commit()
+                    added.append(column)
+            except psycopg2.errors.DuplicateColumn:
+                conn.rollback()
+                if attempt == DDL_ATTEMPTS:
+                    raise
+                continue
+            return columns.by_column(), added
+        raise AssertionError("unreachable")
 
     def _stage(
         self, load: PartitionLoad, spool: IO[bytes], columns: list[tuple[str, str, str]]
@@ -655,17 +746,14 @@ class RedshiftWarehouse:
         )
         params: dict[str, Any] = {"stream": load.stream.key, "hour": load.hour}
         result = LoadResult()
+        # 1. The staged files into the session's temporary table: no lock held through COPY.
         with conn.cursor() as cur:
-            cur.execute(sql["lock"])
-            cur.execute(sql["loaded"], params)
-            row = cur.fetchone()
-            if row is not None and row[0] == load.fingerprint:
-                conn.rollback()
-                return LoadResult(skipped=True)
             cur.execute(sql["staging"])
             try:
                 cur.execute(sql["copy"])
             except psycopg2.Error as error:
+                if conflict_detail(error) is not None:
+                    raise
                 conn.rollback()
                 raise ClickstreamError(
                     f"COPY of {load.stream} {load.hour:%Y-%m-%d %H}:00 failed: "
@@ -673,13 +761,26 @@ class RedshiftWarehouse:
                 ) from None
             cur.execute(sql["counts"])
             (staged_rows,) = cur.fetchone() or (0,)
+        conn.commit()
+        # 2. The hour's rows, in a transaction that takes its snapshot after the table's lock.
+        with conn.cursor() as cur:
+            cur.execute(sql["lock"])
+            cur.execute(sql["loaded"], params)
+            row = cur.fetchone()
+            if row is not None and row[0] == load.fingerprint:
+                conn.rollback()  # loaded by another run while this one waited for the lock
+                return LoadResult(skipped=True)
             cur.execute(sql["delete"], params)
             result.rows_replaced = cur.rowcount
             cur.execute(sql["insert"], params)
             result.rows_loaded = cur.rowcount
             result.staged = staged_rows
             result.duplicates = staged_rows - result.rows_loaded
-            files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
+        conn.commit()
+        # 3. The partition's ledger row, in a transaction of its own that locks the ledger first.
+        files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
+        with conn.cursor() as cur:
+            cur.execute(sql["lock_ledger"])
             cur.execute(sql["forget"], params)
             seconds, files_read, bytes_read = load.ledger_figures()
             cur.execute(
