@@ -12,7 +12,6 @@ import psycopg2
 import pytest
 import yaml
 
-from clickstream_pipeline.config import SENSOR_INTERVALS
 from clickstream_pipeline.local import LocalStack
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline_tests.helpers import new_database
@@ -25,10 +24,6 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     with LocalStack(root, bucket="clickstream-test") as env, pytest.MonkeyPatch.context() as mp:
         for name, value in env.items():
             mp.setenv(name, value)
-        # The sensors at the sensor daemon's own pace (it looks every 5 s), so a deployment's
-        # tests wait for what they test, not for the production cadence.
-        for name, _ in SENSOR_INTERVALS.values():
-            mp.setenv(name, "5")
         yield env
 
 

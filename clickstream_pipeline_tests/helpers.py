@@ -119,7 +119,7 @@ def outside_env() -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: str | None = None
+    *args: str, env: dict[str, str] | None = None, cwd: str | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """Run ``clickstream`` in a new process, as a user would (``env``: ours plus these)."""
     return subprocess.run(
@@ -128,7 +128,7 @@ def run_cli(
         text=True,
         env={**os.environ, **env} if env is not None else None,
         cwd=cwd,
-        timeout=300,
+        timeout=timeout,
     )
 
 

@@ -128,7 +128,9 @@ def test_the_quick_bench_runs_every_part_and_measures_s3_against_a_given_bucket(
     # with this environment's credentials, not to the local server it starts for PostgreSQL.
     bucket = pipeline["CLICKSTREAM_BUCKET"]
     done = run_cli(
-        *("bench", "--quick", "--s3-bucket", bucket, "--output", str(tmp_path)), env=pipeline
+        *("bench", "--quick", "--s3-bucket", bucket, "--output", str(tmp_path)),
+        env=pipeline,
+        timeout=570,  # within the test's own bound (twice its usual 300 s)
     )
 
     assert done.returncode == 0, done.stderr[-2000:]

@@ -107,9 +107,11 @@ def run(
     backfill_hours: int = 24,
     history_hours: int = 8_760,
     s3_bucket: str | None = None,
+    deployment: bool = True,
 ) -> dict[str, Any]:
     """Measure the scale steps against the local stack, or with ``s3_bucket`` against that S3
-    bucket (this environment's AWS credentials) with the local PostgreSQL."""
+    bucket (this environment's AWS credentials) with the local PostgreSQL; ``deployment``: also
+    time a code server, webserver and daemon serving every table."""
     import dagster as dg
 
     from clickstream_pipeline.partitions import table_asset_key
@@ -272,7 +274,8 @@ def run(
             }
         except (RuntimeError, TimeoutError, MemoryError) as error:
             results["backfill_submit"] = {"partitions": len(hours) * streams, "failed": str(error)}
-        results["deployment"] = _deployment(Path(root), registry)
+        if deployment:
+            results["deployment"] = _deployment(Path(root), registry)
         results["idle_load"] = _idle_load(Path(root), spec.streams[:10], env)
     return results
 

@@ -93,7 +93,12 @@ def bench(
         ),
         "scale": lambda: (
             scale.run(
-                customers=5, events=4, backfill_hours=1, history_hours=48, s3_bucket=s3_bucket
+                customers=5,
+                events=4,
+                backfill_hours=1,
+                history_hours=48,
+                s3_bucket=s3_bucket,
+                deployment=False,
             )
             if quick
             else scale.run(s3_bucket=s3_bucket)
