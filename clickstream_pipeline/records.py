@@ -145,6 +145,12 @@ def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadR
         record = _parse_beyond_orjson(raw)
         if record is None:
             return BadRecord(line, f"invalid JSON: {error}", raw)
+        if b"\\u" in raw and _has_lone_surrogate(record):
+            # Legal JSON that is not text: a lone UTF-16 surrogate escape, as a browser's
+            # JSON.stringify writes for a string cut inside an emoji. Neither warehouse can
+            # store it; U+FFFD takes its place, as a UTF-8 decoder puts it for a broken byte.
+            record = _replace_lone_surrogates(record)
+            raw = dump_json(record)
     if not isinstance(record, dict):
         return BadRecord(line, f"not a JSON object but {type(record).__name__}", raw)
     message_id = record.get("messageId")
@@ -174,6 +180,31 @@ def validate_line(raw: bytes, line: int, stats: ReadStats) -> ValidRecord | BadR
         raw=raw,
         doc=record,
     )
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """Whether any string (or key) in a parsed document holds a lone surrogate (a pair is
+    parsed into one character, so any surrogate left is alone)."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    return value
 
 
 def parse_json(raw: bytes) -> Any:

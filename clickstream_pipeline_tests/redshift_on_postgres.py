@@ -46,7 +46,8 @@ CREATE OR REPLACE FUNCTION getdate() RETURNS timestamptz LANGUAGE sql AS 'SELECT
 CREATE OR REPLACE FUNCTION json_parse(text) RETURNS jsonb LANGUAGE sql IMMUTABLE
     AS 'SELECT $1::jsonb';
 CREATE TABLE IF NOT EXISTS sys_load_error_detail (
-    query_id bigint, file_name text, line_number bigint, column_name text, error_message text);
+    query_id bigint, file_name text, line_number bigint, column_name text, error_message text,
+    session_id integer, start_time timestamptz);
 CREATE SEQUENCE IF NOT EXISTS redshift_copy_ids;
 CREATE OR REPLACE VIEW stv_slices AS SELECT generate_series(0, 3) AS slice;  -- a 4-slice cluster
 CREATE OR REPLACE FUNCTION pg_last_copy_id() RETURNS bigint LANGUAGE sql
@@ -68,6 +69,9 @@ _WRITE = re.compile(
     r'CREATE TABLE IF NOT EXISTS|CREATE TABLE) ("\w+"\."\w+")'
 )
 SNAPSHOT, SERIALIZABLE = "snapshot", "serializable"
+STAGING = "_clickstream_staging"
+_PROVISIONED_ONLY = re.compile(r"\b(?:stl|stv|svl|svcs)_\w+")
+_VARCHAR = re.compile(r'"(\w+)" VARCHAR\((\d+)\)')
 _ABORT = """DO $$ BEGIN RAISE EXCEPTION '1023' USING ERRCODE = 'XX000', DETAIL = %s; END $$"""
 
 
@@ -119,6 +123,7 @@ class RedshiftOnPostgres:
     faults: Faults = field(default_factory=Faults)
     statements: list[tuple[str, Any]] = field(default_factory=list)
     isolation: str = SNAPSHOT
+    serverless: bool = False  # no STL/STV/SVL/SVCS tables, as on Redshift Serverless
     barrier: threading.Barrier | None = None
     barrier_before: str = "LOCK "
     barrier_waits: int = 0  # how many connections' first such statements still wait
@@ -186,6 +191,7 @@ class Connection:
         self.last_copy_id: int | None = None
         self.transaction = Transaction()
         self.met = False  # this connection has passed the barrier
+        self.varchar_bytes: dict[str, int] = {}  # the staging table's VARCHAR(n) columns
 
     def cursor(self) -> Cursor:
         return Cursor(self, self.conn.cursor())
@@ -274,6 +280,14 @@ class Cursor:
         elif statement.startswith(("INSERT INTO", "DELETE FROM")):
             connection.wrote_rows = True
         self._track(statement)
+        system = _PROVISIONED_ONLY.search(statement)
+        if owner.serverless and system is not None:
+            # The server's own answer to a table Serverless does not have.
+            self.cursor.execute(f"SELECT * FROM {system[0]}_absent_on_serverless")
+        if statement.startswith(f'CREATE TEMP TABLE "{STAGING}"'):
+            connection.varchar_bytes = {
+                name: int(size) for name, size in _VARCHAR.findall(statement)
+            }
         try:
             copy = _COPY.fullmatch(statement)
             if copy is not None:
@@ -300,6 +314,11 @@ class Cursor:
         tables.discard("information_schema.columns")
         tables.discard("information_schema.tables")
         target = _WRITE.match(statement)
+        if target is not None and statement.startswith("CREATE TABLE IF NOT EXISTS"):
+            with connection.conn.cursor() as cur:
+                cur.execute("SELECT to_regclass(%s)", (target[1],))
+                if cur.fetchone()[0] is not None:
+                    target = None  # a table that exists: nothing is written
         if target is not None:
             written = target[1].replace('"', "")
             transaction.writes.add(written)
@@ -330,21 +349,47 @@ class Cursor:
         paths = orjson.loads(_get(client, copy["jsonpaths"]))["jsonpaths"]
         keys = [re.fullmatch(r"\$\['(\w+)'\]", path)[1] for path in paths]  # type: ignore[index]
         buffer = io.BytesIO()
+        limits = self.connection.varchar_bytes
         for entry in orjson.loads(_get(client, copy["manifest"]))["entries"]:
             assert entry["mandatory"] is True
-            for line in gzip.decompress(_get(client, entry["url"])).splitlines():
+            for number, line in enumerate(gzip.decompress(_get(client, entry["url"])).splitlines()):
                 row = orjson.loads(line)
+                for key, limit in limits.items():
+                    value = row.get(key)
+                    if isinstance(value, str) and len(value.encode()) > limit:
+                        # Redshift's VARCHAR(n) counts bytes; MAXERROR 0 fails the whole COPY.
+                        self._record_load_error(
+                            "String length exceeds DDL length", entry["url"], number + 1, key
+                        )
+                        raise psycopg2.errors.InternalError_(
+                            f"Load into table '{STAGING}' failed. Check "
+                            "'sys_load_error_detail' system table for details."
+                        )
                 buffer.write(b"\t".join(_text(row.get(key)) for key in keys) + b"\n")
         buffer.seek(0)
         self.cursor.copy_expert(f"COPY {copy['table']} ({copy['columns']}) FROM STDIN", buffer)
 
-    def _record_load_error(self, message: str) -> None:
+    def _record_load_error(
+        self,
+        message: str,
+        file: str = "s3://bucket/staged/part-0000.json.gz",
+        line: int = 3,
+        column: str = "quantity",
+    ) -> None:
         # Redshift keeps load errors whatever happens to the transaction: use another session.
+        # Its names are CHAR columns, padded with blanks.
         with psycopg2.connect(self.connection.owner.url) as side, side.cursor() as cur:
             cur.execute(
-                "INSERT INTO sys_load_error_detail VALUES "
-                "(%s, 's3://bucket/staged/part-0000.json.gz', 3, 'quantity                  ', %s)",
-                (self.connection.last_copy_id, message),
+                "INSERT INTO sys_load_error_detail VALUES (%s, %s, %s, %s, %s, %s, now())",
+                (
+                    # Serverless's SYS views do not know pg_last_copy_id()'s number.
+                    None if self.connection.owner.serverless else self.connection.last_copy_id,
+                    file,
+                    line,
+                    column.ljust(26),
+                    message,
+                    self.connection.conn.get_backend_pid(),
+                ),
             )
         side.close()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import psycopg2
@@ -25,7 +26,7 @@ from clickstream_pipeline.loader import (
 )
 from clickstream_pipeline.names import Stream
 from clickstream_pipeline.s3 import s3_client
-from clickstream_pipeline.warehouse import warehouse_for_url
+from clickstream_pipeline.warehouse import Warehouse, warehouse_for_url
 from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse, part_count
 from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import (
@@ -704,3 +705,95 @@ def test_a_crash_between_the_data_commit_and_the_ledger_commit_only_reloads_the_
     assert (outcome.skipped, outcome.rows_loaded, outcome.rows_replaced) == (False, 30, 30)
     assert rows_and_ids(url, stream) == (30, 30)
     assert ledger_rows(url, stream) == [(H1, 1)]
+
+
+# --- odd records: byte limits and text that is not UTF-8 -------------------------------------
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "redshift"])
+def test_a_long_user_id_and_a_lone_surrogate_never_fail_their_hour(
+    pipeline: dict[str, str],
+    local_stack: dict[str, str],
+    engine: RedshiftOnPostgres,
+    stream: Stream,
+    dialect: str,
+) -> None:
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    long_id = "é" * 150  # 150 characters, 300 bytes of UTF-8
+    # A browser's JSON.stringify of a string cut inside an emoji: legal JSON, not UTF-8.
+    cut = orjson.dumps(record("cut", H1, title="ab")).replace(b'"ab"', b'"ab\\ud83d"')
+    lines: list[dict[str, Any] | bytes] = [record(f"m{i}", H1) for i in range(34)]
+    lines += [{**record("long", H1), "userId": long_id}, cut]
+    put_file(bucket, stream, H1, "a", lines)
+    warehouse: Warehouse
+    if dialect == "redshift":
+        url, warehouse = pipeline["CLICKSTREAM_WAREHOUSE_URL"], redshift(pipeline, engine)
+    else:
+        url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+        warehouse = warehouse_for_url(url)
+
+    outcome = load_partition(RawStore(s3_client(), bucket, "raw"), warehouse, stream, H1)
+
+    table = f'"{stream.customer}"."{stream.event}"'
+    [(title,)] = query(url, f"SELECT properties->>'title' FROM {table} WHERE message_id = 'cut'")
+    assert title == "ab\ufffd"
+    if dialect == "postgresql":  # text: any length
+        assert (outcome.rows_loaded, outcome.quarantined) == (36, 0)
+        assert query(url, f"SELECT user_id FROM {table} WHERE message_id = 'long'") == [(long_id,)]
+        return
+    assert (outcome.rows_loaded, outcome.quarantined) == (35, 1)
+    [key] = outcome.quarantine_keys
+    entry = orjson.loads(s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert (entry["line"], entry["error"]) == (
+        35,
+        "userId is 300 bytes of UTF-8, more than the 256 of Redshift's user_id VARCHAR(256)",
+    )
+    assert "long" not in message_ids(url, stream)
+
+
+# --- Serverless ---------------------------------------------------------------------------------
+
+SERVERLESS_URL = (
+    "redshift://loader@default.123456789012.us-east-1.redshift-serverless.amazonaws.com:5439/dev"
+    f"?workgroup=default&iam_role={ROLE}"
+)
+
+
+def test_serverless_loads_without_provisioned_only_system_tables(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    engine.serverless = True  # any STL/STV/SVL/SVCS table is an error, as on Serverless
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1), record("m2", H1)])
+    warehouse = redshift(pipeline, engine, SERVERLESS_URL)
+
+    outcome = load(pipeline, warehouse, stream, H1)
+
+    assert warehouse.config.serverless
+    assert outcome.rows_loaded == 2
+    assert not [s for s, _ in engine.statements if re.search(r"\b(stl|stv|svl|svcs)_", s)]
+    # A host alone says Serverless too.
+    host_only = SERVERLESS_URL.replace("loader@", "loader:s3cret@").replace(
+        "workgroup=default&", ""
+    )
+    assert RedshiftConfig.from_url(host_only).serverless
+    assert not RedshiftConfig.from_url(URL).serverless
+
+
+def test_a_failed_copy_on_serverless_reports_its_sessions_load_errors(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    engine.serverless = True
+    engine.faults = Faults(copy_error="Invalid digit, Value 'x', Pos 0, Type: Long")
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+
+    with pytest.raises(ClickstreamError) as raised:
+        load(pipeline, redshift(pipeline, engine, SERVERLESS_URL), stream, H1)
+
+    assert str(raised.value).endswith(
+        "(s3://bucket/staged/part-0000.json.gz line 3 column quantity: Invalid digit, Value 'x', "
+        "Pos 0, Type: Long)"
+    )
+    assert (
+        "SELECT file_name, line_number, column_name, error_message FROM sys_load_error_detail "
+        "WHERE session_id = pg_backend_pid() ORDER BY start_time DESC, line_number LIMIT 5"
+    ) in [s for s, _ in engine.statements]

@@ -72,10 +72,20 @@ LEDGER = '"clickstream"."load_ledger"'
 STAGING = '"_clickstream_staging"'
 # Redshift's VARCHAR limit: properties or context larger than this cannot be staged as text.
 MAX_VARCHAR_BYTES = 65535
+# The id columns are VARCHAR(256), which Redshift counts in bytes of UTF-8.
+MAX_ID_BYTES = 256
+ID_FIELDS = (
+    ("messageId", "message_id"),
+    ("userId", "user_id"),
+    ("anonymousId", "anonymous_id"),
+    ("event", "event_name"),
+)
 # Redshift's advice for COPY: files of 1 MB to 1 GB (compressed), a multiple of the slices.
 MIN_PART_BYTES = 1024 * 1024
 MAX_PART_BYTES = 1024 * 1024 * 1024
 SLICES_SQL = "SELECT COUNT(*) FROM stv_slices"
+# Serverless has no STV/STL tables and no fixed slices: parts per load unless ``parts=`` says.
+SERVERLESS_PARTS = 8
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
 _IAM_ROLE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
 
@@ -172,6 +182,11 @@ class RedshiftConfig:
     parts: int | None = None  # None: one part per slice of the cluster
     keep_staged: bool = False
     sslmode: str = "require"
+
+    @property
+    def serverless(self) -> bool:
+        """A Serverless workgroup (``workgroup=``, or a ``*.redshift-serverless.*`` host)."""
+        return self.workgroup is not None or ".redshift-serverless." in self.host
 
     @classmethod
     def from_url(cls, url: str, default_iam_role: str | None = None) -> RedshiftConfig:
@@ -374,6 +389,12 @@ LOAD_ERRORS_SQL = (
     "SELECT file_name, line_number, column_name, error_message FROM sys_load_error_detail "
     "WHERE query_id = pg_last_copy_id() ORDER BY line_number LIMIT 5"
 )
+# On Serverless, the SYS view's query_id is not pg_last_copy_id(): the errors of this session
+# (each load has a session of its own), newest first.
+SERVERLESS_LOAD_ERRORS_SQL = (
+    "SELECT file_name, line_number, column_name, error_message FROM sys_load_error_detail "
+    "WHERE session_id = pg_backend_pid() ORDER BY start_time DESC, line_number LIMIT 5"
+)
 LOAD_ERRORS_FALLBACK_SQL = (
     "SELECT filename, line_number, colname, err_reason FROM stl_load_errors "
     "WHERE query = pg_last_copy_id() ORDER BY line_number LIMIT 5"
@@ -493,6 +514,7 @@ class RedshiftWarehouse:
         self._slices = 1
         self._stream_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._ledger_lock = threading.Lock()
 
     def connection(self) -> contextlib.AbstractContextManager[Any]:
         return open_connection(lambda: self._connect(self.config))
@@ -522,7 +544,14 @@ class RedshiftWarehouse:
         self._ready.add(key)
 
     def _ensure_ledger(self, conn: Any) -> None:
-        """Create the ledger, or add the columns an older ledger lacks (once per object)."""
+        """Create the ledger, or add the columns an older ledger lacks (once per object: the
+        other threads of a batch wait for the first)."""
+        if "ledger" in self._ready:
+            return
+        with self._ledger_lock:
+            self._ensure_ledger_once(conn)
+
+    def _ensure_ledger_once(self, conn: Any) -> None:
         if "ledger" in self._ready:
             return
         self._ddl(conn, "ledger-table", LEDGER_DDL)
@@ -566,6 +595,19 @@ class RedshiftWarehouse:
         return {(row[0], row[1]): LedgerEntry(*row) for row in rows}
 
     def rejection(self, record: ValidRecord) -> str | None:
+        for field, column in ID_FIELDS:
+            value = record.doc.get(field)
+            # Four bytes a character at most: a short string cannot be too long.
+            if value is None or (isinstance(value, str) and len(value) <= MAX_ID_BYTES // 4):
+                continue
+            size = len((_text(value) or "").encode())
+            if size > MAX_ID_BYTES:
+                # Cutting an id would merge distinct messages or users: the record waits in
+                # quarantine instead, and the rest of its hour loads.
+                return (
+                    f"{field} is {size} bytes of UTF-8, more than the {MAX_ID_BYTES} of "
+                    f"Redshift's {column} VARCHAR({MAX_ID_BYTES})"
+                )
         if len(record.raw) <= MAX_VARCHAR_BYTES:
             return None  # no part of the record can be larger than the record
         for name in ("properties", "context"):
@@ -653,6 +695,10 @@ class RedshiftWarehouse:
     def _count_slices(self, conn: Any) -> None:
         """The cluster's slice count, once per object (unless ``parts=`` sets the parts)."""
         if self.config.parts is not None or "slices" in self._ready:
+            return
+        if self.config.serverless:
+            self._slices = SERVERLESS_PARTS
+            self._ready.add("slices")
             return
         with conn.cursor() as cur:
             cur.execute(SLICES_SQL)
@@ -806,7 +852,12 @@ class RedshiftWarehouse:
 
     def _load_errors(self, conn: Any) -> str:
         """The first rows of Redshift's load errors for the last COPY, as one line."""
-        for query in (LOAD_ERRORS_SQL, LOAD_ERRORS_FALLBACK_SQL):
+        queries = (
+            (SERVERLESS_LOAD_ERRORS_SQL,)
+            if self.config.serverless
+            else (LOAD_ERRORS_SQL, LOAD_ERRORS_FALLBACK_SQL)
+        )
+        for query in queries:
             try:
                 with conn.cursor() as cur:
                     cur.execute(query)
