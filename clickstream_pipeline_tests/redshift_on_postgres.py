@@ -277,7 +277,9 @@ class Cursor:
         owner.statements.append((statement, params))
         if statement.startswith('INSERT INTO "clickstream"."load_ledger"'):
             connection.wrote_ledger = True
-        elif statement.startswith(("INSERT INTO", "DELETE FROM")):
+        elif statement.startswith(("INSERT INTO", "DELETE FROM")) and not statement.split()[
+            2
+        ].startswith('"clickstream".'):
             connection.wrote_rows = True
         self._track(statement)
         system = _PROVISIONED_ONLY.search(statement)

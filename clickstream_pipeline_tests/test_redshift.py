@@ -21,12 +21,15 @@ from clickstream_pipeline.loader import (
     TRANSIENT_ERRORS,
     LoadOutcome,
     RawStore,
+    fingerprint,
     load_partition,
     with_retries,
 )
 from clickstream_pipeline.names import Stream
+from clickstream_pipeline.records import ReadStats, validate_line
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import Warehouse, warehouse_for_url
+from clickstream_pipeline.warehouse.base import PartitionLoad, SourceFile
 from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse, part_count
 from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import (
@@ -173,7 +176,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     )
     sent = [statement for statement, _ in engine.statements]
     assert first.new_columns == ["product_id", "quantity"]
-    assert sent[:5] == [
+    assert sent[:6] == [
         'CREATE SCHEMA IF NOT EXISTS "clickstream"',
         'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, '
         "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
@@ -183,13 +186,17 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
         "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
         "DISTSTYLE ALL SORTKEY (stream, hour)",
+        'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger_files" (stream VARCHAR(128) NOT '
+        "NULL, hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, key VARCHAR(1024) NOT "
+        "NULL, etag VARCHAR(128) NOT NULL, size BIGINT NOT NULL) DISTSTYLE AUTO SORTKEY "
+        "(stream, hour)",
         "COMMIT",
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_schema = 'clickstream' AND table_name = 'load_ledger'",
         "ROLLBACK",
     ]
     # Every check ends its transaction; each transaction that writes begins with its LOCK.
-    assert sent[5:] == [
+    assert sent[6:] == [
         ledger_check,
         "ROLLBACK",
         f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"',
@@ -235,8 +242,12 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         f"WHERE s._copy = 1 AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.message_id = "
         "s.message_id)",
         "COMMIT",
-        'LOCK "clickstream"."load_ledger"',
+        'LOCK "clickstream"."load_ledger", "clickstream"."load_ledger_files"',
         'DELETE FROM "clickstream"."load_ledger" WHERE stream = %(stream)s AND hour = %(hour)s',
+        'DELETE FROM "clickstream"."load_ledger_files" WHERE stream = %(stream)s AND hour = '
+        "%(hour)s",
+        'INSERT INTO "clickstream"."load_ledger_files" (stream, hour, load_id, key, etag, size) '
+        "VALUES (%s, %s, %s, %s, %s, %s)",
         'INSERT INTO "clickstream"."load_ledger" (stream, hour, load_id, fingerprint, files, '
         "records_read, rows_loaded, duplicates, quarantined, new_columns, run_id, seconds, "
         "files_read, bytes_read) VALUES (%(stream)s, %(hour)s, %(load_id)s, %(fingerprint)s, "
@@ -253,14 +264,14 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     assert second.new_columns == [] and second.rows_loaded == 2
     kinds = [statement.split(" ")[0] for statement, _ in engine.statements]
     assert kinds == [
-        *("CREATE", "CREATE", "COMMIT", "SELECT", "ROLLBACK"),  # the ledger, once per object
+        *("CREATE", "CREATE", "CREATE", "COMMIT", "SELECT", "ROLLBACK"),  # the ledger, once
         *("SELECT", "ROLLBACK"),  # loaded already?
         *("CREATE", "CREATE", "COMMIT"),  # the table, once per object
         *("SELECT", "ROLLBACK"),  # its columns
         *("SELECT", "ROLLBACK"),  # the slices, once per object
         *("CREATE", "COPY", "SELECT", "COMMIT"),  # staging, no lock
         *("LOCK", "SELECT", "DELETE", "INSERT", "COMMIT"),  # the rows
-        *("LOCK", "DELETE", "INSERT", "COMMIT"),  # the ledger row
+        *("LOCK", "DELETE", "DELETE", "INSERT", "INSERT", "COMMIT"),  # the ledger row, its files
     ]
     assert not any("ALTER TABLE" in statement for statement, _ in engine.statements)
 
@@ -471,7 +482,7 @@ def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
 
     sent = [statement for statement, _ in engine.statements]
     ledger = '"clickstream"."load_ledger"'
-    assert sent[5:14] == [
+    assert sent[6:15] == [
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN seconds DOUBLE PRECISION", "COMMIT"),
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN files_read BIGINT", "COMMIT"),
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN bytes_read BIGINT", "COMMIT"),
@@ -797,3 +808,55 @@ def test_a_failed_copy_on_serverless_reports_its_sessions_load_errors(
         "SELECT file_name, line_number, column_name, error_message FROM sys_load_error_detail "
         "WHERE session_id = pg_backend_pid() ORDER BY start_time DESC, line_number LIMIT 5"
     ) in [s for s, _ in engine.statements]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "redshift"])
+def test_an_hour_of_5000_files_loads_and_the_ledger_keeps_every_file(
+    pipeline: dict[str, str],
+    local_stack: dict[str, str],
+    engine: RedshiftOnPostgres,
+    stream: Stream,
+    dialect: str,
+) -> None:
+    """What 8 busy shards write in an hour (here at the warehouse seam: the loader's reads of
+    5,000 files are the same reads as of one)."""
+    files = tuple(
+        SourceFile(raw_key("raw", stream, H1, f"shard-{n:05d}.jsonl.gz"), f"{n:032x}", 100 + n)
+        for n in range(5000)
+    )
+    stats = ReadStats(records_read=2)
+    records = [
+        (files[n].key, validate_line(orjson.dumps(record(f"m{n}", H1)), 1, stats)) for n in (0, 1)
+    ]
+    load = PartitionLoad(stream, H1, files, fingerprint(files))
+    warehouse: Warehouse
+    if dialect == "redshift":
+        url, warehouse = pipeline["CLICKSTREAM_WAREHOUSE_URL"], redshift(pipeline, engine)
+    else:
+        url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+        warehouse = warehouse_for_url(url)
+
+    result = warehouse.load_partition(load, iter(records), stats)  # type: ignore[arg-type]
+
+    assert result.rows_loaded == 2
+    assert warehouse.ledger([stream])[(str(stream), H1)].fingerprint == load.fingerprint
+    if dialect == "redshift":
+        listed = query(
+            url,
+            'SELECT key, etag, size FROM "clickstream"."load_ledger_files" WHERE stream = %s '
+            "AND hour = %s ORDER BY key",
+            (str(stream), H1),
+        )
+        inserts = [s for s, _ in engine.statements if 'INTO "clickstream"."load_ledger_files"' in s]
+        assert len(inserts) == 5  # 1,000 rows a statement
+    else:
+        [(listed_json,)] = query(
+            url,
+            'SELECT files FROM "clickstream"."load_ledger" WHERE stream = %s AND hour = %s',
+            (str(stream), H1),
+        )
+        listed = [(f["key"], f["etag"], f["size"]) for f in listed_json]
+    assert listed == [(f.key, f.etag, f.size) for f in files]
+
+    # Loaded again with the same files: found in the ledger, nothing written.
+    assert warehouse.load_partition(load, iter(records), ReadStats()).skipped  # type: ignore[arg-type]

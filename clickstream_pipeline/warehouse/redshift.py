@@ -69,6 +69,10 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 LEDGER = '"clickstream"."load_ledger"'
+# Every file of every ledger row, one row each: a VARCHAR holds at most 65,535 bytes, about 240
+# files' keys and ETags, and an hour of busy shards has thousands of files.
+LEDGER_FILES = '"clickstream"."load_ledger_files"'
+LEDGER_FILE_ROWS = 1000  # rows per INSERT (a statement may be up to 16 MB)
 STAGING = '"_clickstream_staging"'
 # Redshift's VARCHAR limit: properties or context larger than this cannot be staged as text.
 MAX_VARCHAR_BYTES = 65535
@@ -128,6 +132,10 @@ LEDGER_DDL = (
     "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
     "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
     "DISTSTYLE ALL SORTKEY (stream, hour)",
+    f"CREATE TABLE IF NOT EXISTS {LEDGER_FILES} ("
+    "stream VARCHAR(128) NOT NULL, hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
+    "key VARCHAR(1024) NOT NULL, etag VARCHAR(128) NOT NULL, size BIGINT NOT NULL) "
+    "DISTSTYLE AUTO SORTKEY (stream, hour)",
 )
 # Columns added to the ledger after its first release; Redshift has no ADD COLUMN IF NOT EXISTS,
 # so a ledger created before gets the missing ones after a look at the catalog.
@@ -346,14 +354,17 @@ def load_statements(
     """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
     return {
         "lock": f"LOCK {table_name(stream)}",
-        "lock_ledger": f"LOCK {LEDGER}",
         "loaded": f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
         "staging": staging_sql(columns),
         "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
         "counts": f"SELECT COUNT(*) FROM {STAGING}",
         "delete": f"DELETE FROM {table_name(stream)} WHERE _hour = %(hour)s",
         "insert": insert_sql(stream, columns),
+        "lock_ledger": f"LOCK {LEDGER}, {LEDGER_FILES}",
         "forget": f"DELETE FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
+        "forget_files": (
+            f"DELETE FROM {LEDGER_FILES} WHERE stream = %(stream)s AND hour = %(hour)s"
+        ),
         "record": (
             f"INSERT INTO {LEDGER} (stream, hour, load_id, fingerprint, files, records_read, "
             "rows_loaded, duplicates, quarantined, new_columns, run_id, seconds, files_read, "
@@ -383,6 +394,12 @@ def conflict_detail(error: psycopg2.Error) -> str | None:
     if error.pgcode != "XX000" or diag is None or diag.message_primary != CONFLICT:
         return None
     return (diag.message_detail or "").strip() or "no detail"
+
+
+def ledger_files_sql(rows: int) -> str:
+    """One INSERT of ``rows`` rows of a load's files (params: six a row, flat)."""
+    values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * rows)
+    return f"INSERT INTO {LEDGER_FILES} (stream, hour, load_id, key, etag, size) VALUES {values}"
 
 
 LOAD_ERRORS_SQL = (
@@ -824,10 +841,23 @@ class RedshiftWarehouse:
             result.duplicates = staged_rows - result.rows_loaded
         conn.commit()
         # 3. The partition's ledger row, in a transaction of its own that locks the ledger first.
-        files = [{"key": f.key, "etag": f.etag, "size": f.size} for f in load.files]
         with conn.cursor() as cur:
             cur.execute(sql["lock_ledger"])
             cur.execute(sql["forget"], params)
+            cur.execute(sql["forget_files"], params)
+            for start in range(0, len(load.files), LEDGER_FILE_ROWS):
+                chunk = load.files[start : start + LEDGER_FILE_ROWS]
+                cur.execute(
+                    ledger_files_sql(len(chunk)),
+                    [
+                        value
+                        for file in chunk
+                        for value in (
+                            load.stream.key, load.hour, staged.load_id, file.key, file.etag,
+                            file.size,
+                        )
+                    ],
+                )  # fmt: skip
             seconds, files_read, bytes_read = load.ledger_figures()
             cur.execute(
                 sql["record"],
@@ -835,7 +865,10 @@ class RedshiftWarehouse:
                     **params,
                     "load_id": staged.load_id,
                     "fingerprint": load.fingerprint,
-                    "files": orjson.dumps(files).decode(),
+                    # The files themselves are rows of LEDGER_FILES.
+                    "files": orjson.dumps(
+                        {"count": len(load.files), "in": "clickstream.load_ledger_files"}
+                    ).decode(),
                     "records_read": stats.records_read,
                     "rows_loaded": result.rows_loaded,
                     "duplicates": result.duplicates,
