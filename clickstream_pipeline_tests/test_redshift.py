@@ -720,14 +720,26 @@ def test_a_crash_between_the_data_commit_and_the_ledger_commit_only_reloads_the_
 
 # --- odd records: byte limits and text that is not UTF-8 -------------------------------------
 
+Dialect = tuple[str, str, Warehouse]
 
-@pytest.mark.parametrize("dialect", ["postgresql", "redshift"])
-def test_a_long_user_id_and_a_lone_surrogate_never_fail_their_hour(
+
+@pytest.fixture(params=["postgresql", "redshift"])
+def dialect(
+    request: pytest.FixtureRequest,
     pipeline: dict[str, str],
     local_stack: dict[str, str],
     engine: RedshiftOnPostgres,
-    stream: Stream,
-    dialect: str,
+) -> Dialect:
+    """(name, URL, warehouse) of each dialect over the test's bucket: the session's PostgreSQL,
+    or Redshift through the emulation."""
+    if request.param == "redshift":
+        return "redshift", pipeline["CLICKSTREAM_WAREHOUSE_URL"], redshift(pipeline, engine)
+    url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
+    return "postgresql", url, warehouse_for_url(url)
+
+
+def test_a_long_user_id_and_a_lone_surrogate_never_fail_their_hour(
+    pipeline: dict[str, str], dialect: Dialect, engine: RedshiftOnPostgres, stream: Stream
 ) -> None:
     bucket = pipeline["CLICKSTREAM_BUCKET"]
     long_id = "é" * 150  # 150 characters, 300 bytes of UTF-8
@@ -736,19 +748,14 @@ def test_a_long_user_id_and_a_lone_surrogate_never_fail_their_hour(
     lines: list[dict[str, Any] | bytes] = [record(f"m{i}", H1) for i in range(34)]
     lines += [{**record("long", H1), "userId": long_id}, cut]
     put_file(bucket, stream, H1, "a", lines)
-    warehouse: Warehouse
-    if dialect == "redshift":
-        url, warehouse = pipeline["CLICKSTREAM_WAREHOUSE_URL"], redshift(pipeline, engine)
-    else:
-        url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
-        warehouse = warehouse_for_url(url)
+    name, url, warehouse = dialect
 
     outcome = load_partition(RawStore(s3_client(), bucket, "raw"), warehouse, stream, H1)
 
     table = f'"{stream.customer}"."{stream.event}"'
     [(title,)] = query(url, f"SELECT properties->>'title' FROM {table} WHERE message_id = 'cut'")
     assert title == "ab\ufffd"
-    if dialect == "postgresql":  # text: any length
+    if name == "postgresql":  # text: any length
         assert (outcome.rows_loaded, outcome.quarantined) == (36, 0)
         assert query(url, f"SELECT user_id FROM {table} WHERE message_id = 'long'") == [(long_id,)]
         return
@@ -810,13 +817,8 @@ def test_a_failed_copy_on_serverless_reports_its_sessions_load_errors(
     ) in [s for s, _ in engine.statements]
 
 
-@pytest.mark.parametrize("dialect", ["postgresql", "redshift"])
 def test_an_hour_of_5000_files_loads_and_the_ledger_keeps_every_file(
-    pipeline: dict[str, str],
-    local_stack: dict[str, str],
-    engine: RedshiftOnPostgres,
-    stream: Stream,
-    dialect: str,
+    pipeline: dict[str, str], dialect: Dialect, engine: RedshiftOnPostgres, stream: Stream
 ) -> None:
     """What 8 busy shards write in an hour (here at the warehouse seam: the loader's reads of
     5,000 files are the same reads as of one)."""
@@ -829,18 +831,13 @@ def test_an_hour_of_5000_files_loads_and_the_ledger_keeps_every_file(
         (files[n].key, validate_line(orjson.dumps(record(f"m{n}", H1)), 1, stats)) for n in (0, 1)
     ]
     load = PartitionLoad(stream, H1, files, fingerprint(files))
-    warehouse: Warehouse
-    if dialect == "redshift":
-        url, warehouse = pipeline["CLICKSTREAM_WAREHOUSE_URL"], redshift(pipeline, engine)
-    else:
-        url = local_stack["CLICKSTREAM_WAREHOUSE_URL"]
-        warehouse = warehouse_for_url(url)
+    name, url, warehouse = dialect
 
     result = warehouse.load_partition(load, iter(records), stats)  # type: ignore[arg-type]
 
     assert result.rows_loaded == 2
     assert warehouse.ledger([stream])[(str(stream), H1)].fingerprint == load.fingerprint
-    if dialect == "redshift":
+    if name == "redshift":
         listed = query(
             url,
             'SELECT key, etag, size FROM "clickstream"."load_ledger_files" WHERE stream = %s '
