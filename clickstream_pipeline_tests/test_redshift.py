@@ -176,7 +176,9 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     )
     sent = [statement for statement, _ in engine.statements]
     assert first.new_columns == ["product_id", "quantity"]
-    assert sent[:6] == [
+    assert sent[:8] == [
+        "SET statement_timeout TO 1800000",
+        "COMMIT",
         'CREATE SCHEMA IF NOT EXISTS "clickstream"',
         'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger" (stream VARCHAR(128) NOT NULL, '
         "hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
@@ -185,7 +187,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
         "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
         "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
-        "DISTSTYLE ALL SORTKEY (stream, hour)",
+        "DISTSTYLE AUTO SORTKEY (stream, hour)",
         'CREATE TABLE IF NOT EXISTS "clickstream"."load_ledger_files" (stream VARCHAR(128) NOT '
         "NULL, hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, key VARCHAR(1024) NOT "
         "NULL, etag VARCHAR(128) NOT NULL, size BIGINT NOT NULL) DISTSTYLE AUTO SORTKEY "
@@ -196,7 +198,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         "ROLLBACK",
     ]
     # Every check ends its transaction; each transaction that writes begins with its LOCK.
-    assert sent[6:] == [
+    assert sent[8:] == [
         ledger_check,
         "ROLLBACK",
         f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"',
@@ -264,6 +266,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
     assert second.new_columns == [] and second.rows_loaded == 2
     kinds = [statement.split(" ")[0] for statement, _ in engine.statements]
     assert kinds == [
+        *("SET", "COMMIT"),  # the statement timeout
         *("CREATE", "CREATE", "CREATE", "COMMIT", "SELECT", "ROLLBACK"),  # the ledger, once
         *("SELECT", "ROLLBACK"),  # loaded already?
         *("CREATE", "CREATE", "COMMIT"),  # the table, once per object
@@ -482,7 +485,7 @@ def test_a_ledger_from_before_load_seconds_gets_the_new_columns(
 
     sent = [statement for statement, _ in engine.statements]
     ledger = '"clickstream"."load_ledger"'
-    assert sent[6:15] == [
+    assert sent[8:17] == [
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN seconds DOUBLE PRECISION", "COMMIT"),
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN files_read BIGINT", "COMMIT"),
         *(f"LOCK {ledger}", f"ALTER TABLE {ledger} ADD COLUMN bytes_read BIGINT", "COMMIT"),
@@ -857,3 +860,53 @@ def test_an_hour_of_5000_files_loads_and_the_ledger_keeps_every_file(
 
     # Loaded again with the same files: found in the ledger, nothing written.
     assert warehouse.load_partition(load, iter(records), ReadStats()).skipped  # type: ignore[arg-type]
+
+
+def test_properties_named_like_system_columns_stay_in_properties(
+    pipeline: dict[str, str], dialect: Dialect, stream: Stream
+) -> None:
+    _, url, warehouse = dialect
+    props = {"xmin": 1, "ctid": "x", "oid": 5, "tableoid": 6, "Cmax": 2, "plan": "pro"}
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1, **props)])
+
+    outcome = load_partition(
+        RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw"), warehouse, stream, H1
+    )
+
+    assert (outcome.rows_loaded, outcome.new_columns) == (1, ["plan"])
+    table = f'"{stream.customer}"."{stream.event}"'
+    [(plan, kept)] = query(url, f"SELECT plan, properties::text FROM {table}")
+    assert plan == "pro" and orjson.loads(kept) == props
+
+
+def test_a_load_stuck_behind_a_lock_times_out_and_is_retried_later(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    existing(pipeline, engine, stream)
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+    warehouse = redshift(pipeline, engine, f"{URL}&statement_timeout=1")
+    assert warehouse.config.statement_timeout == 1
+    # A long query holding the table (Redshift has no lock_timeout: the statement timeout ends
+    # the wait).
+    blocker = psycopg2.connect(url)
+    try:
+        with blocker.cursor() as cur:
+            cur.execute(f'LOCK TABLE "{stream.customer}"."{stream.event}" IN ACCESS EXCLUSIVE MODE')
+        with pytest.raises(psycopg2.errors.QueryCanceled) as raised:
+            load(pipeline, warehouse, stream, H1)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert isinstance(raised.value, TRANSIENT_ERRORS)
+    assert "statement timeout" in str(raised.value)
+    assert "m1" not in message_ids(url, stream)
+
+    assert load(pipeline, warehouse, stream, H1).rows_loaded == 1  # the lock gone
+
+
+@pytest.mark.parametrize("value", ["0", "soon"])
+def test_a_bad_statement_timeout_is_one_line(value: str) -> None:
+    with pytest.raises(ClickstreamError) as raised:
+        RedshiftConfig.from_url(f"{URL}&statement_timeout={value}")
+    assert "\n" not in str(raised.value) and "statement_timeout" in str(raised.value)

@@ -38,6 +38,9 @@ BASE_COLUMNS = (
     "_source_key",
     "_loaded_at",
 )
+# Every PostgreSQL table has these system columns (Redshift keeps the same names): a property
+# of one of these names stays in ``properties``, since ADD COLUMN would fail every load.
+SYSTEM_COLUMNS = frozenset({"oid", "tableoid", "xmin", "xmax", "cmin", "cmax", "ctid"})
 # The columns a load writes (``_loaded_at`` is the table's default).
 LOADED_COLUMNS = tuple(column for column in BASE_COLUMNS if column != "_loaded_at")
 # A table keeps at most this many flattened property columns; the rest stay in ``properties``.
@@ -277,11 +280,11 @@ def property_columns(property_kinds: Mapping[str, Mapping[str, int]]) -> dict[st
     """Map flattenable property names to ``(column, kind)``.
 
     A property becomes a column when its snake_case name is a valid identifier that is not a
-    base column; when several properties share a column name, the first in sorted order wins and
-    the others stay in ``properties`` only.
+    base or system column; when several properties share a column name, the first in sorted
+    order wins and the others stay in ``properties`` only.
     """
     columns: dict[str, tuple[str, str]] = {}
-    taken: set[str] = set(BASE_COLUMNS)
+    taken: set[str] = set(BASE_COLUMNS) | SYSTEM_COLUMNS
     for name in sorted(property_kinds):
         column = snake_case(name)
         if not _COLUMN_RE.fullmatch(column) or column in taken:

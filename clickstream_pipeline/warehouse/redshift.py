@@ -88,6 +88,8 @@ ID_FIELDS = (
 MIN_PART_BYTES = 1024 * 1024
 MAX_PART_BYTES = 1024 * 1024 * 1024
 SLICES_SQL = "SELECT COUNT(*) FROM stv_slices"
+# Seconds a loader's statement may take (``statement_timeout=`` in the URL).
+DEFAULT_STATEMENT_TIMEOUT = 1800
 # Serverless has no STV/STL tables and no fixed slices: parts per load unless ``parts=`` says.
 SERVERLESS_PARTS = 8
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
@@ -131,7 +133,7 @@ LEDGER_DDL = (
     "quarantined BIGINT NOT NULL, new_columns VARCHAR(65535) NOT NULL, run_id VARCHAR(64), "
     "loaded_at TIMESTAMPTZ NOT NULL DEFAULT GETDATE(), seconds DOUBLE PRECISION, "
     "files_read BIGINT, bytes_read BIGINT, PRIMARY KEY (stream, hour)) "
-    "DISTSTYLE ALL SORTKEY (stream, hour)",
+    "DISTSTYLE AUTO SORTKEY (stream, hour)",
     f"CREATE TABLE IF NOT EXISTS {LEDGER_FILES} ("
     "stream VARCHAR(128) NOT NULL, hour TIMESTAMPTZ NOT NULL, load_id VARCHAR(64) NOT NULL, "
     "key VARCHAR(1024) NOT NULL, etag VARCHAR(128) NOT NULL, size BIGINT NOT NULL) "
@@ -190,6 +192,9 @@ class RedshiftConfig:
     parts: int | None = None  # None: one part per slice of the cluster
     keep_staged: bool = False
     sslmode: str = "require"
+    # Redshift has no lock_timeout: a statement that waits or runs longer than this (a LOCK
+    # behind a long query, a COPY that hangs) is cancelled, and the load retried.
+    statement_timeout: int = DEFAULT_STATEMENT_TIMEOUT
 
     @property
     def serverless(self) -> bool:
@@ -221,8 +226,13 @@ class RedshiftConfig:
         try:
             part_count = int(query["parts"]) if "parts" in query else None
             port = parts.port or 5439
+            timeout = int(query.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT))
         except ValueError:
-            raise ClickstreamError("invalid Redshift URL: port and parts must be numbers") from None
+            raise ClickstreamError(
+                "invalid Redshift URL: port, parts and statement_timeout must be numbers"
+            ) from None
+        if timeout < 1:
+            raise ClickstreamError("invalid Redshift URL: statement_timeout must be >= 1 second")
         if part_count is not None and not 1 <= part_count <= 1024:
             raise ClickstreamError("invalid Redshift URL: parts must be between 1 and 1024")
         return cls(
@@ -238,6 +248,7 @@ class RedshiftConfig:
             parts=part_count,
             keep_staged=query.get("keep_staged", "false").lower() in ("1", "true", "yes"),
             sslmode=query.get("sslmode", "require"),
+            statement_timeout=timeout,
         )
 
 
@@ -533,8 +544,14 @@ class RedshiftWarehouse:
         self._locks_guard = threading.Lock()
         self._ledger_lock = threading.Lock()
 
-    def connection(self) -> contextlib.AbstractContextManager[Any]:
-        return open_connection(lambda: self._connect(self.config))
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A session with the loader's statement timeout set."""
+        with open_connection(lambda: self._connect(self.config)) as conn:
+            with conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout TO {self.config.statement_timeout * 1000}")
+            conn.commit()
+            yield conn
 
     def _stream_lock(self, stream: Stream) -> threading.Lock:
         """One lock a stream within this process: its loads change its columns one at a time."""
