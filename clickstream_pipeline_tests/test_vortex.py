@@ -388,11 +388,13 @@ def commits_held(local_stack: dict[str, str], stream: str) -> Iterator[None]:
         yield
     finally:
         with conn.cursor() as cur:
-            cur.execute(f"DROP TRIGGER IF EXISTS hold_{stream} ON clickstream.vortex_shards")
+            # The held commits first: DROP TRIGGER would wait for them (up to the trigger's
+            # 300 s sleep) when the test ends before it has ended them itself.
             cur.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE "
                 "'%%vortex_shards%%' AND state = 'active' AND pid <> pg_backend_pid()"
             )
+            cur.execute(f"DROP TRIGGER IF EXISTS hold_{stream} ON clickstream.vortex_shards")
         conn.close()
 
 
@@ -415,7 +417,7 @@ def test_killed_between_upload_and_checkpoint_a_restart_rewrites_the_same_object
             found = objects(bucket, "raw/")
             return found if len(planned) == 2 and keys and keys == set(found) else None
 
-        before = wait_for(uploaded, "both shards' batches uploaded, commits waiting", 60)
+        before = wait_for(uploaded, "both shards' batches uploaded, commits waiting", 120)
     finally:
         kill(process)
     assert all(r["checkpoint"] is None for r in shard_rows(stream))  # nothing committed
