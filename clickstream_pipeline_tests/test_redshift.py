@@ -612,6 +612,17 @@ def test_four_streams_loaded_at_once_never_conflict(
     assert engine.aborts == []  # not even one conflict to retry
 
 
+def two_loaders(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, runs: str
+) -> tuple[RedshiftWarehouse, RedshiftWarehouse]:
+    """The warehouse objects of two loads: one shared (threads of one batch) or one each (two
+    runs, as a sensor run and a backfill in their own processes)."""
+    if runs == "one batch":
+        shared = redshift(pipeline, engine)
+        return shared, shared
+    return redshift(pipeline, engine), redshift(pipeline, engine)
+
+
 @ISOLATIONS
 @pytest.mark.parametrize("runs", ["one batch", "two runs"])
 def test_two_hours_bringing_the_same_new_property_at_once_both_load(
@@ -626,12 +637,7 @@ def test_two_hours_bringing_the_same_new_property_at_once_both_load(
     # Both hours add the column at once (a loader that adds one stream's columns one load at
     # a time lets the second go on after the barrier's timeout).
     engine.overlap(2, before="ALTER TABLE", timeout=3)
-    shared = redshift(pipeline, engine)
-    first, second = (
-        (shared, shared)
-        if runs == "one batch"
-        else (redshift(pipeline, engine), redshift(pipeline, engine))
-    )
+    first, second = two_loaders(pipeline, engine, runs)
 
     at_once(retried(pipeline, first, stream, H2), retried(pipeline, second, stream, recent_hour(1)))
 
@@ -655,12 +661,7 @@ def test_the_first_loads_of_a_new_table_at_once_both_load(
     put_file(bucket, stream, H2, "a", [record("b", H2, coupon="B2")])
     engine.isolation = isolation
     engine.overlap(2, before=f'CREATE SCHEMA IF NOT EXISTS "{stream.customer}"', timeout=3)
-    shared = redshift(pipeline, engine)
-    first, second = (
-        (shared, shared)
-        if runs == "one batch"
-        else (redshift(pipeline, engine), redshift(pipeline, engine))
-    )
+    first, second = two_loaders(pipeline, engine, runs)
 
     at_once(retried(pipeline, first, stream, H1), retried(pipeline, second, stream, H2))
 

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
@@ -68,11 +68,13 @@ from clickstream_pipeline.warehouse.base import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+T = TypeVar("T")
 LEDGER = '"clickstream"."load_ledger"'
 # Every file of every ledger row, one row each: a VARCHAR holds at most 65,535 bytes, about 240
 # files' keys and ETags, and an hour of busy shards has thousands of files.
 LEDGER_FILES = '"clickstream"."load_ledger_files"'
 LEDGER_FILE_ROWS = 1000  # rows per INSERT (a statement may be up to 16 MB)
+LOADED_SQL = f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s"
 STAGING = '"_clickstream_staging"'
 # Redshift's VARCHAR limit: properties or context larger than this cannot be staged as text.
 MAX_VARCHAR_BYTES = 65535
@@ -365,7 +367,7 @@ def load_statements(
     """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
     return {
         "lock": f"LOCK {table_name(stream)}",
-        "loaded": f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
+        "loaded": LOADED_SQL,
         "staging": staging_sql(columns),
         "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
         "counts": f"SELECT COUNT(*) FROM {STAGING}",
@@ -397,6 +399,21 @@ _DDL_RACES = (
 )
 DDL_ATTEMPTS = 3
 CONFLICT = "1023"  # Redshift's primary message for a transaction aborted by a conflict
+
+
+def _despite_ddl_races(
+    conn: Any, action: Callable[[], T], races: tuple[type[psycopg2.Error], ...]
+) -> T:
+    """Run DDL that a loader in another process may run at the same moment: the one that loses
+    the race rolls back and runs ``action`` again, which then finds the objects there."""
+    for attempt in range(1, DDL_ATTEMPTS + 1):
+        try:
+            return action()
+        except races:
+            conn.rollback()
+            if attempt == DDL_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def conflict_detail(error: psycopg2.Error) -> str | None:
@@ -564,17 +581,14 @@ class RedshiftWarehouse:
         and runs the DDL again, which then finds them there."""
         if key in self._ready:
             return
-        for attempt in range(1, DDL_ATTEMPTS + 1):
-            try:
-                with conn.cursor() as cur:
-                    for statement in statements:
-                        cur.execute(statement)
-                conn.commit()
-                break
-            except _DDL_RACES:
-                conn.rollback()
-                if attempt == DDL_ATTEMPTS:
-                    raise
+
+        def run() -> None:
+            with conn.cursor() as cur:
+                for statement in statements:
+                    cur.execute(statement)
+            conn.commit()
+
+        _despite_ddl_races(conn, run, _DDL_RACES)
         self._ready.add(key)
 
     def _ensure_ledger(self, conn: Any) -> None:
@@ -718,10 +732,7 @@ class RedshiftWarehouse:
         """Whether the ledger holds this load's fingerprint (a read that ends its transaction,
         so no snapshot outlives it)."""
         with conn.cursor() as cur:
-            cur.execute(
-                f"SELECT fingerprint FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
-                {"stream": load.stream.key, "hour": load.hour},
-            )
+            cur.execute(LOADED_SQL, {"stream": load.stream.key, "hour": load.hour})
             row = cur.fetchone()
         conn.rollback()
         return row is not None and row[0] == load.fingerprint
@@ -748,7 +759,8 @@ class RedshiftWarehouse:
         in a transaction that locks the table first. A column another process adds at the same
         moment makes this one's ALTER fail: it rolls back and reads the catalog again."""
         added: list[str] = []
-        for attempt in range(1, DDL_ATTEMPTS + 1):
+
+        def add() -> list[tuple[str, str, str]]:
             with conn.cursor() as cur:
                 cur.execute(
                     "SELECT column_name, data_type FROM information_schema.columns "
@@ -757,20 +769,15 @@ class RedshiftWarehouse:
                 )
                 columns = PropertyColumns(dict(cur.fetchall()), _KIND_OF_TYPE)
             conn.rollback()
-            try:
-                for column, kind in columns.add(stats.property_kinds):
-                    with conn.cursor() as cur:
-                        cur.execute(f"LOCK {table_name(stream)}")
-                        cur.execute(add_column_sql(stream, column, kind))
-                    conn.commit()
-                    added.append(column)
-            except psycopg2.errors.DuplicateColumn:
-                conn.rollback()
-                if attempt == DDL_ATTEMPTS:
-                    raise
-                continue
-            return columns.by_column(), added
-        raise AssertionError("unreachable")
+            for column, kind in columns.add(stats.property_kinds):
+                with conn.cursor() as cur:
+                    cur.execute(f"LOCK {table_name(stream)}")
+                    cur.execute(add_column_sql(stream, column, kind))
+                conn.commit()
+                added.append(column)
+            return columns.by_column()
+
+        return _despite_ddl_races(conn, add, (psycopg2.errors.DuplicateColumn,)), added
 
     def _stage(
         self, load: PartitionLoad, spool: IO[bytes], columns: list[tuple[str, str, str]]
