@@ -418,7 +418,7 @@ def test_killed_between_upload_and_checkpoint_a_restart_rewrites_the_same_object
                 " 'clickstream-vortex' AND wait_event = 'PgSleep' AND query LIKE %s",
                 (f"%{stream}%",),
             )
-            waiting = cur.fetchone()[0]
+            (waiting,) = cur.fetchone() or (0,)
         conn.close()
         return bool(waiting)
 
