@@ -47,6 +47,9 @@ def test_a_registry_service_change_reaches_the_deployment_and_an_outage_is_survi
     write = {"Authorization": f"Bearer {WRITE_TOKEN}"}
     monkeypatch.setenv("CLICKSTREAM_REGISTRY", api)
     monkeypatch.setenv("CLICKSTREAM_REGISTRY_TOKEN", READ_TOKEN)  # the pipeline only reads
+    # Three waits for new files' rows: a tick every 5 s, not 30 (the registry's keeps its own
+    # production cadence, which the 60 s promise below is about).
+    monkeypatch.setenv("CLICKSTREAM_DISCOVERY_INTERVAL_SECONDS", "5")
 
     with contextlib.ExitStack() as running_api:
         running_api.enter_context(registry_server(registry_url, port=port))
