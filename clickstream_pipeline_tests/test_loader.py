@@ -337,7 +337,10 @@ def test_the_first_copy_wins_across_chunks_of_a_large_partition(
 # the column existed when the rows were sent or was added after them.
 EDGE_VALUES: dict[str, list[Any]] = {
     "late_int": [0, -1, 2**63 - 1, -(2**63), 1.5, "7", True, None, {"a": 1}, 7, 8, 9, 10],
-    "late_num": [1.5, 0.0, -0.0, 1e300, 1e-300, 2.5e-320, -7, 2**63 - 1, "1", False, 3.25],
+    "late_num": [
+        *(1.5, 0.0, -0.0, -(2**53), 1e-300, 2.5e-320, -7, 2**63 - 1, "1", False, 3.25),
+        *(2.0**53, 2**53 + 1, 1e300),
+    ],
     "late_str": ["tab\there", "line\nbreak", "back\\slash", "ünï", "", 5, None, "x", "y"],
     "late_bool": [True, False, 1, "true", None, True, False, True],
 }
@@ -390,10 +393,12 @@ def test_columns_added_after_rows_were_sent_hold_what_rows_formatted_later_hold(
         (0, 1.5, "tab\there", True),
         (-1, 0.0, "line\nbreak", False),
         (2**63 - 1, 0.0, "back\\slash", None),
-        (-(2**63), 1e300, "ünï", None),
+        (-(2**63), -(2.0**53), "ünï", None),
     ]
     assert [row[0] for row in early_values[4:10]] == [None, None, None, None, None, 7]
-    assert [row[1] for row in early_values[4:8]] == [1e-300, None, -7.0, float(2**63 - 1)]
+    # A double holds magnitudes up to 2**53, where it still holds every integer.
+    assert [row[1] for row in early_values[4:8]] == [1e-300, None, -7.0, None]
+    assert [row[1] for row in early_values[11:14]] == [2.0**53, None, None]
     assert [row[2] for row in early_values[4:7]] == ["", None, None]
 
 

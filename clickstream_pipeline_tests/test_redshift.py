@@ -773,6 +773,33 @@ def test_a_long_user_id_and_a_lone_surrogate_never_fail_their_hour(
     assert "long" not in message_ids(url, stream)
 
 
+def test_both_dialects_flatten_the_same_numbers(
+    pipeline: dict[str, str], dialect: Dialect, stream: Stream
+) -> None:
+    # A DOUBLE PRECISION column holds magnitudes 0 and 1e-300 to 2**53 (every integer there
+    # exactly); a BIGINT one 64-bit integers. The rest stays in properties only.
+    numbers = [1.5, 0, -7, 2**53, -(2.0**53), 2**53 + 1, 1e300, 1e-300, 2.5e-320, 2**63 - 1]
+    integers = [1, 2**63 - 1, -(2**63), "2", 2**63, 3, 4, 5, 6, 7]
+    lines = [
+        record(f"m{i}", H1, number=number, integer=integer)
+        for i, (number, integer) in enumerate(zip(numbers, integers, strict=True))
+    ]
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", lines)
+    _, url, warehouse = dialect
+
+    outcome = load_partition(
+        RawStore(s3_client(), pipeline["CLICKSTREAM_BUCKET"], "raw"), warehouse, stream, H1
+    )
+
+    assert outcome.rows_loaded == 10
+    table = f'"{stream.customer}"."{stream.event}"'
+    rows = query(url, f"SELECT number, integer FROM {table} ORDER BY substr(message_id, 2)::int")
+    assert [number for number, _ in rows] == [
+        *(1.5, 0.0, -7.0, 2.0**53, -(2.0**53), None, None, 1e-300, None, None)
+    ]
+    assert [integer for _, integer in rows] == [1, 2**63 - 1, -(2**63), None, None, 3, 4, 5, 6, 7]
+
+
 # --- Serverless ---------------------------------------------------------------------------------
 
 SERVERLESS_URL = (

@@ -49,6 +49,43 @@ _COLUMN_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 # Tie-break order when a property held several kinds: the most general kind wins.
 _KIND_ORDER = (KIND_STRING, KIND_NUMBER, KIND_INTEGER, KIND_BOOLEAN)
 
+# Which values a flattened column holds, the same in every dialect: a value of the column's
+# kind that its type stores exactly. Any other value is NULL there and stays in ``properties``.
+# - BIGINT: integers of 64 bits.
+# - DOUBLE PRECISION: numbers of magnitude 0 or 1e-300 to 2**53. A double holds every integer up
+#   to 2**53 and rounds those beyond, so two distinct ids there would read the same; and past
+#   2**53 a double is itself an integer, so no rule on values (all a column added later has: a
+#   jsonb number keeps no spelling) could keep ``1e20`` and drop ``100000000000000000001``.
+# - text: strings (a dialect may bound their length: Redshift's VARCHAR counts bytes).
+SMALLEST_NUMBER, LARGEST_NUMBER = 1e-300, 2**53
+
+
+def holds_boolean(value: object) -> bool:
+    return type(value) is bool
+
+
+def holds_integer(value: object) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
+def holds_number(value: object) -> bool:
+    # A Decimal is a number beyond double's range (records.parse_json): it never fits.
+    if type(value) is not int and type(value) is not float:
+        return False
+    return value == 0 or SMALLEST_NUMBER <= abs(value) <= LARGEST_NUMBER
+
+
+def holds_string(value: object) -> bool:
+    return type(value) is str
+
+
+COLUMN_HOLDS: dict[str, Callable[[object], bool]] = {
+    KIND_BOOLEAN: holds_boolean,
+    KIND_INTEGER: holds_integer,
+    KIND_NUMBER: holds_number,
+    KIND_STRING: holds_string,
+}
+
 
 @dataclass(frozen=True, order=True)
 class SourceFile:

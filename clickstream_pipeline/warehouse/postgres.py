@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -38,11 +37,17 @@ from clickstream_pipeline.records import (
     dump_json,
 )
 from clickstream_pipeline.warehouse.base import (
+    LARGEST_NUMBER,
     LOADED_COLUMNS,
+    SMALLEST_NUMBER,
     LedgerEntry,
     LoadResult,
     PartitionLoad,
     PropertyColumns,
+    holds_boolean,
+    holds_integer,
+    holds_number,
+    holds_string,
     open_connection,
 )
 
@@ -68,7 +73,8 @@ _EXTRACT = {
     ),
     KIND_NUMBER: (
         "CASE WHEN jsonb_typeof({v}) = 'number' AND (({v})::numeric = 0 OR "
-        "abs(({v})::numeric) BETWEEN 1e-300 AND 1e300) THEN ({v})::numeric::double precision END"
+        f"abs(({{v}})::numeric) BETWEEN {SMALLEST_NUMBER!r} AND {LARGEST_NUMBER}) "
+        "THEN ({v})::numeric::double precision END"
     ),
     KIND_STRING: "CASE WHEN jsonb_typeof({v}) = 'string' THEN {t} END",
 }
@@ -519,33 +525,25 @@ def _json(value: object) -> bytes:
     return dumped.replace(b"\\", b"\\\\") if b"\\" in dumped else dumped
 
 
-# A flattened column holds a property's value when it is of the column's kind and in its type's
-# range; anything else is NULL there and stays in ``properties`` only.
+# A flattened column's value, by the rule every dialect shares (``base.COLUMN_HOLDS``).
 
 
 def _boolean(value: object) -> bytes:
-    return b"t" if value is True else b"f" if value is False else _NULL
+    return (b"t" if value else b"f") if holds_boolean(value) else _NULL
 
 
 def _integer(value: object) -> bytes:
-    if type(value) is int and -(2**63) <= value < 2**63:
-        return str(value).encode()
-    return _NULL
+    return str(value).encode() if holds_integer(value) else _NULL
 
 
 def _number(value: object) -> bytes:
-    kind = type(value)
-    if kind is float or kind is int or kind is Decimal:
-        number = float(value)  # type: ignore[arg-type]
-        if number == 0:
-            return b"0"
-        if 1e-300 <= abs(number) <= 1e300:
-            return repr(number).encode()
-    return _NULL
+    if not holds_number(value):
+        return _NULL
+    return b"0" if value == 0 else repr(float(value)).encode()  # type: ignore[arg-type]
 
 
 def _string(value: object) -> bytes:
-    return _escape(value.encode()) if type(value) is str else _NULL
+    return _escape(value.encode()) if holds_string(value) else _NULL  # type: ignore[attr-defined]
 
 
 _FORMATS = {

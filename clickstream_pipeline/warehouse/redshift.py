@@ -54,9 +54,9 @@ from clickstream_pipeline.records import (
     dump_json,
     parse_json,
     timestamp_value,
-    value_kind,
 )
 from clickstream_pipeline.warehouse.base import (
+    COLUMN_HOLDS,
     LOADED_COLUMNS,
     LedgerEntry,
     LoadResult,
@@ -516,10 +516,10 @@ def _timestamp(text: str | None) -> str | None:
 
 
 def _fits(value: object, kind: str) -> bool:
-    found = value_kind(value)
-    if found == kind:
-        return not (kind == KIND_STRING and len(str(value).encode()) > MAX_VARCHAR_BYTES)
-    return kind == KIND_NUMBER and found == KIND_INTEGER and abs(value) < 2**53  # type: ignore[arg-type]
+    """The rule every dialect shares, and VARCHAR's bytes."""
+    if kind == KIND_STRING:
+        return type(value) is str and len(value.encode()) <= MAX_VARCHAR_BYTES
+    return COLUMN_HOLDS[kind](value)
 
 
 def jsonpaths(columns: list[tuple[str, str]]) -> bytes:
