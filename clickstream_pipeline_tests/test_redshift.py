@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -169,7 +169,8 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         'SELECT fingerprint FROM "clickstream"."load_ledger" '
         "WHERE stream = %(stream)s AND hour = %(hour)s"
     )
-    params = {"stream": str(stream), "hour": H1}
+    # The dedup probe looks back 7 days by default, as a literal the sort key prunes with.
+    params = {"stream": str(stream), "hour": H1, "since": H1 - timedelta(days=7)}
     columns = (
         '"message_id", "user_id", "anonymous_id", "event_name", "event_timestamp", "sent_at", '
         '"received_at", "properties", "context", "_source_key", "_line"'
@@ -242,7 +243,7 @@ def test_exact_sql_of_a_first_load_with_new_columns_and_of_a_reload(
         's."product_id", s."quantity" FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY '
         'message_id ORDER BY _source_key, _line) AS _copy FROM "_clickstream_staging") s '
         f"WHERE s._copy = 1 AND NOT EXISTS (SELECT 1 FROM {table} t WHERE t.message_id = "
-        "s.message_id)",
+        "s.message_id AND t.received_at >= %(since)s)",
         "COMMIT",
         'LOCK "clickstream"."load_ledger", "clickstream"."load_ledger_files"',
         'DELETE FROM "clickstream"."load_ledger" WHERE stream = %(stream)s AND hour = %(hour)s',
@@ -720,6 +721,58 @@ def test_a_crash_between_the_data_commit_and_the_ledger_commit_only_reloads_the_
     assert (outcome.skipped, outcome.rows_loaded, outcome.rows_replaced) == (False, 30, 30)
     assert rows_and_ids(url, stream) == (30, 30)
     assert ledger_rows(url, stream) == [(H1, 1)]
+
+
+def test_a_duplicate_is_dropped_within_the_lookback_and_loaded_again_beyond_it(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    """The dedup probe reads the table's rows received since the hour less the look-back
+    (default 7 days; ``dedup_lookback_days=0``: all history)."""
+    bucket = pipeline["CLICKSTREAM_BUCKET"]
+    within, beyond = H1 + timedelta(days=6, hours=23), H1 + timedelta(days=8)
+    put_file(bucket, stream, H1, "a", [record("first", H1)])
+    put_file(bucket, stream, within, "a", [record("first", within), record("w", within)])
+    put_file(bucket, stream, beyond, "a", [record("first", beyond), record("b", beyond)])
+    default = redshift(pipeline, engine)
+    assert default.config.dedup_lookback_days == 7
+
+    assert load(pipeline, default, stream, H1).rows_loaded == 1
+    inside = load(pipeline, default, stream, within)
+    outside = load(pipeline, default, stream, beyond)
+
+    assert (inside.rows_loaded, inside.duplicates) == (1, 1)
+    assert (outside.rows_loaded, outside.duplicates) == (2, 0)  # its first copy is 8 days old
+    url = pipeline["CLICKSTREAM_WAREHOUSE_URL"]
+    table = f'"{stream.customer}"."{stream.event}"'
+    count = f"SELECT count(*) FROM {table} WHERE message_id = 'first'"
+    assert query(url, count) == [(2,)]
+
+    # All history: the replaced hour's copy is found again, 8 days back.
+    everything = redshift(pipeline, engine, f"{URL}&dedup_lookback_days=0")
+    engine.statements.clear()
+    put_file(
+        bucket,
+        stream,
+        beyond,
+        "a",
+        [record("first", beyond), record("b", beyond), record("c", beyond)],
+    )
+    again = load(pipeline, everything, stream, beyond)
+    assert (again.rows_loaded, again.duplicates) == (2, 1)
+    assert query(url, count) == [(1,)]
+    [insert] = [s for s, _ in engine.statements if s.startswith("INSERT INTO " + table)]
+    assert insert.endswith("WHERE t.message_id = s.message_id)")
+
+
+def test_the_lookback_must_be_a_whole_number_of_days() -> None:
+    with pytest.raises(ClickstreamError) as raised:
+        RedshiftConfig.from_url(f"{URL}&dedup_lookback_days=-1")
+    assert str(raised.value) == (
+        "invalid Redshift URL: dedup_lookback_days must be >= 0 (0: all history)"
+    )
+    with pytest.raises(ClickstreamError) as raised:
+        RedshiftConfig.from_url(f"{URL}&dedup_lookback_days=week")
+    assert "dedup_lookback_days must be whole numbers" in str(raised.value)
 
 
 # --- odd records: byte limits and text that is not UTF-8 -------------------------------------

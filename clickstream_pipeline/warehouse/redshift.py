@@ -35,7 +35,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -92,6 +92,10 @@ MAX_PART_BYTES = 1024 * 1024 * 1024
 SLICES_SQL = "SELECT COUNT(*) FROM stv_slices"
 # Seconds a loader's statement may take (``statement_timeout=`` in the URL).
 DEFAULT_STATEMENT_TIMEOUT = 1800
+# How far back (by received_at, before the hour loaded) a load looks for a message id already in
+# the table. The table is sorted by received_at, so the bound prunes its blocks: without it every
+# load would read every id ever loaded (random ids defeat zone maps on message_id).
+DEFAULT_DEDUP_LOOKBACK_DAYS = 7
 # Serverless has no STV/STL tables and no fixed slices: parts per load unless ``parts=`` says.
 SERVERLESS_PARTS = 8
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
@@ -197,6 +201,8 @@ class RedshiftConfig:
     # Redshift has no lock_timeout: a statement that waits or runs longer than this (a LOCK
     # behind a long query, a COPY that hangs) is cancelled, and the load retried.
     statement_timeout: int = DEFAULT_STATEMENT_TIMEOUT
+    # 0: look through all history.
+    dedup_lookback_days: int = DEFAULT_DEDUP_LOOKBACK_DAYS
 
     @property
     def serverless(self) -> bool:
@@ -229,12 +235,18 @@ class RedshiftConfig:
             part_count = int(query["parts"]) if "parts" in query else None
             port = parts.port or 5439
             timeout = int(query.get("statement_timeout", DEFAULT_STATEMENT_TIMEOUT))
+            lookback = int(query.get("dedup_lookback_days", DEFAULT_DEDUP_LOOKBACK_DAYS))
         except ValueError:
             raise ClickstreamError(
-                "invalid Redshift URL: port, parts and statement_timeout must be numbers"
+                "invalid Redshift URL: port, parts, statement_timeout and dedup_lookback_days "
+                "must be whole numbers"
             ) from None
         if timeout < 1:
             raise ClickstreamError("invalid Redshift URL: statement_timeout must be >= 1 second")
+        if lookback < 0:
+            raise ClickstreamError(
+                "invalid Redshift URL: dedup_lookback_days must be >= 0 (0: all history)"
+            )
         if part_count is not None and not 1 <= part_count <= 1024:
             raise ClickstreamError("invalid Redshift URL: parts must be between 1 and 1024")
         return cls(
@@ -251,6 +263,7 @@ class RedshiftConfig:
             keep_staged=query.get("keep_staged", "false").lower() in ("1", "true", "yes"),
             sslmode=query.get("sslmode", "require"),
             statement_timeout=timeout,
+            dedup_lookback_days=lookback,
         )
 
 
@@ -330,8 +343,9 @@ def copy_sql(
     )
 
 
-def insert_sql(stream: Stream, columns: list[tuple[str, str]]) -> str:
-    """Insert the first copy (by source key, line) of each message not already in the table."""
+def insert_sql(stream: Stream, columns: list[tuple[str, str]], lookback: bool = True) -> str:
+    """Insert the first copy (by source key, line) of each message not already in the table:
+    among its rows received since ``%(since)s`` with ``lookback``, else among all of them."""
     flat = [ident(column) for column, _ in columns]
     targets = [ident(c) for c in LOADED_COLUMNS] + flat
     values = [
@@ -353,7 +367,8 @@ def insert_sql(stream: Stream, columns: list[tuple[str, str]]) -> str:
         f"SELECT *, ROW_NUMBER() OVER (PARTITION BY message_id ORDER BY _source_key, _line) "
         f"AS _copy FROM {STAGING}) s "
         f"WHERE s._copy = 1 AND NOT EXISTS ("
-        f"SELECT 1 FROM {table_name(stream)} t WHERE t.message_id = s.message_id)"
+        f"SELECT 1 FROM {table_name(stream)} t WHERE t.message_id = s.message_id"
+        + (" AND t.received_at >= %(since)s)" if lookback else ")")
     )
 
 
@@ -363,6 +378,7 @@ def load_statements(
     manifest_url: str,
     jsonpaths_url: str,
     iam_role: str,
+    lookback: bool = True,
 ) -> dict[str, str]:
     """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
     return {
@@ -372,7 +388,7 @@ def load_statements(
         "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
         "counts": f"SELECT COUNT(*) FROM {STAGING}",
         "delete": f"DELETE FROM {table_name(stream)} WHERE _hour = %(hour)s",
-        "insert": insert_sql(stream, columns),
+        "insert": insert_sql(stream, columns, lookback),
         "lock_ledger": f"LOCK {LEDGER}, {LEDGER_FILES}",
         "forget": f"DELETE FROM {LEDGER} WHERE stream = %(stream)s AND hour = %(hour)s",
         "forget_files": (
@@ -830,8 +846,14 @@ class RedshiftWarehouse:
             f"s3://{self.bucket}/{staged.manifest_key}",
             f"s3://{self.bucket}/{staged.jsonpaths_key}",
             self.config.iam_role,
+            lookback=self.config.dedup_lookback_days > 0,
         )
-        params: dict[str, Any] = {"stream": load.stream.key, "hour": load.hour}
+        params: dict[str, Any] = {
+            "stream": load.stream.key,
+            "hour": load.hour,
+            # A literal in the statement (psycopg2 interpolates it), so the sort key prunes.
+            "since": load.hour - timedelta(days=self.config.dedup_lookback_days),
+        }
         result = LoadResult()
         # 1. The staged files into the session's temporary table: no lock held through COPY.
         with conn.cursor() as cur:
