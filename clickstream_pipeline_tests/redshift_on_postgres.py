@@ -57,7 +57,8 @@ CREATE OR REPLACE FUNCTION pg_last_copy_id() RETURNS bigint LANGUAGE sql
 _shims_lock = threading.Lock()
 _COPY = re.compile(
     r"COPY (?P<table>\S+) \((?P<columns>[^)]*)\) FROM '(?P<manifest>s3://[^']+)' "
-    r"IAM_ROLE '(?P<role>[^']+)' MANIFEST GZIP FORMAT AS JSON '(?P<jsonpaths>s3://[^']+)' "
+    r"IAM_ROLE (?:default|'(?P<role>[^']+)')(?: REGION '(?P<region>[a-z0-9-]+)')? "
+    r"MANIFEST GZIP FORMAT AS JSON '(?P<jsonpaths>s3://[^']+)' "
     r"TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF"
 )
 _REDSHIFT_ONLY = re.compile(

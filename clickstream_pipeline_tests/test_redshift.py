@@ -414,11 +414,11 @@ def test_live_cluster_loads_exactly_once(customer: str) -> None:
     assert warehouse.row_counts([stream]) == {str(stream): 2}
 
 
-def test_iam_credentials_come_from_get_cluster_credentials(local_stack: dict[str, str]) -> None:
+def test_iam_credentials_are_fetched_once_and_renewed_before_they_expire(
+    local_stack: dict[str, str],
+) -> None:
     """The IAM path against the local AWS API server (moto serves Redshift's control plane)."""
     import boto3
-
-    from clickstream_pipeline.warehouse.redshift import iam_credentials
 
     boto3.client("redshift").create_cluster(
         ClusterIdentifier="analytics",
@@ -430,8 +430,49 @@ def test_iam_credentials_come_from_get_cluster_credentials(local_stack: dict[str
     config = RedshiftConfig.from_url(
         f"redshift://loader@host/dev?cluster_id=analytics&iam_role={ROLE}"
     )
-    user, password = iam_credentials(config)
+    credentials = RedshiftWarehouse(config, s3_client(), "bucket").credentials
+    calls: list[str] = []
+
+    def count(**_: Any) -> None:
+        calls.append("GetClusterCredentials")
+
+    # Sixteen connections at once, from the threads of one batch: one call, one client.
+    with ThreadPoolExecutor(16) as pool:
+        issued = set(pool.map(lambda _: credentials.get(), range(16)))
+    [(user, password)] = issued
     assert user == "IAM:loader" and len(password) >= 16
+    credentials._client.meta.events.register("before-send.redshift.*", count)
+    assert credentials.get() == (user, password)
+    assert calls == []
+    # With less than the renewal margin left (900 s here), a new pair is asked for.
+    credentials.RENEW_BEFORE = timedelta(seconds=900)
+    assert credentials.get() != (user, password)
+    assert calls == ["GetClusterCredentials"]
+
+
+def test_copy_takes_the_default_role_chained_roles_and_the_bucket_region(
+    pipeline: dict[str, str], engine: RedshiftOnPostgres, stream: Stream
+) -> None:
+    chained = f"{ROLE},arn:aws:iam::210987654321:role/bucket-reader"
+    assert RedshiftConfig.from_url(URL.replace(ROLE, chained)).iam_role == chained
+    with pytest.raises(ClickstreamError) as raised:
+        RedshiftConfig.from_url(f"{URL}&bucket_region=west")
+    assert str(raised.value) == (
+        "invalid Redshift URL: bucket_region 'west' is not an AWS region (e.g. us-west-2)"
+    )
+    put_file(pipeline["CLICKSTREAM_BUCKET"], stream, H1, "a", [record("m1", H1)])
+    url = URL.replace(f"iam_role={ROLE}", "iam_role=default") + "&bucket_region=eu-west-1"
+
+    outcome = load(pipeline, redshift(pipeline, engine, url), stream, H1)
+
+    assert outcome.rows_loaded == 1
+    [copy] = [s for s, _ in engine.statements if s.startswith("COPY ")]
+    assert " MANIFEST GZIP " in copy
+    assert (
+        copy.split(" FROM ")[1]
+        .split(" MANIFEST ")[0]
+        .endswith("IAM_ROLE default REGION 'eu-west-1'")
+    )
 
 
 def test_properties_beyond_the_varchar_limit_are_quarantined(

@@ -35,7 +35,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -99,7 +99,11 @@ DEFAULT_DEDUP_LOOKBACK_DAYS = 7
 # Serverless has no STV/STL tables and no fixed slices: parts per load unless ``parts=`` says.
 SERVERLESS_PARTS = 8
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,126}")
-_IAM_ROLE = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
+# COPY's IAM_ROLE: ``default`` (the role set as the cluster's or namespace's default), one role
+# ARN, or up to 10 chained ARNs separated by commas (each role assumes the next).
+_ROLE_ARN = r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=.@/-]{1,512}"
+_IAM_ROLE = re.compile(rf"default|{_ROLE_ARN}(?:,{_ROLE_ARN}){{0,9}}")
+_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-\d")
 
 SQL_TYPES = {
     KIND_BOOLEAN: "BOOLEAN",
@@ -195,6 +199,8 @@ class RedshiftConfig:
     cluster_id: str | None = None
     workgroup: str | None = None
     region: str | None = None
+    # The bucket's region when it is not the cluster's (COPY ... REGION); None: the same.
+    bucket_region: str | None = None
     parts: int | None = None  # None: one part per slice of the cluster
     keep_staged: bool = False
     sslmode: str = "require"
@@ -223,7 +229,14 @@ class RedshiftConfig:
         if not role or not _IAM_ROLE.fullmatch(role):
             raise ClickstreamError(
                 "Redshift needs an IAM role for COPY: add ?iam_role=arn:aws:iam::<account>:role/"
-                "<name> to the URL or set CLICKSTREAM_REDSHIFT_IAM_ROLE"
+                "<name> (or default, or chained ARNs separated by commas) to the URL or set "
+                "CLICKSTREAM_REDSHIFT_IAM_ROLE"
+            )
+        bucket_region = query.get("bucket_region")
+        if bucket_region is not None and not _REGION.fullmatch(bucket_region):
+            raise ClickstreamError(
+                f"invalid Redshift URL: bucket_region {bucket_region!r} is not an AWS region "
+                "(e.g. us-west-2)"
             )
         password = unquote(parts.password) if parts.password else None
         if password is None and not (query.get("cluster_id") or query.get("workgroup")):
@@ -259,6 +272,7 @@ class RedshiftConfig:
             cluster_id=query.get("cluster_id"),
             workgroup=query.get("workgroup"),
             region=query.get("region"),
+            bucket_region=bucket_region,
             parts=part_count,
             keep_staged=query.get("keep_staged", "false").lower() in ("1", "true", "yes"),
             sslmode=query.get("sslmode", "require"),
@@ -267,30 +281,67 @@ class RedshiftConfig:
         )
 
 
-def iam_credentials(config: RedshiftConfig) -> tuple[str, str]:
-    """Temporary database credentials from IAM (provisioned cluster or Serverless workgroup)."""
-    import boto3
+class IamCredentials:
+    """Temporary database credentials from IAM (provisioned cluster or Serverless workgroup),
+    kept until shortly before they expire: one boto3 client, made once (boto3's default session
+    is not thread-safe; a client is), one credentials call per 15 minutes, not per connection."""
 
-    if config.workgroup:
-        client = boto3.client("redshift-serverless", region_name=config.region)
-        answer = client.get_credentials(workgroupName=config.workgroup, dbName=config.database)
-        return answer["dbUser"], answer["dbPassword"]
-    redshift = boto3.client("redshift", region_name=config.region)
-    issued = redshift.get_cluster_credentials(
-        DbUser=config.user,
-        DbName=config.database,
-        ClusterIdentifier=config.cluster_id or "",
-        DurationSeconds=900,
-        AutoCreate=False,
-    )
-    return issued["DbUser"], issued["DbPassword"]
+    # GetClusterCredentials' shortest lifetime: 900 s. A new pair is asked for with a minute left.
+    DURATION_SECONDS = 900
+    RENEW_BEFORE = timedelta(seconds=60)
+
+    def __init__(self, config: RedshiftConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._issued: tuple[str, str, datetime] | None = None
+
+    def get(self) -> tuple[str, str]:
+        """(user, password), valid for at least another minute."""
+        with self._lock:
+            now = datetime.now(UTC)
+            if self._issued is None or self._issued[2] - self.RENEW_BEFORE <= now:
+                self._issued = self._fetch(now)
+            user, password, _ = self._issued
+            return user, password
+
+    def _fetch(self, now: datetime) -> tuple[str, str, datetime]:
+        import boto3
+
+        config = self.config
+        if config.workgroup:
+            if self._client is None:
+                self._client = boto3.client("redshift-serverless", region_name=config.region)
+            answer = self._client.get_credentials(
+                workgroupName=config.workgroup,
+                dbName=config.database,
+                durationSeconds=self.DURATION_SECONDS,
+            )
+            return answer["dbUser"], answer["dbPassword"], _expiry(answer.get("expiration"), now)
+        if self._client is None:
+            self._client = boto3.client("redshift", region_name=config.region)
+        issued = self._client.get_cluster_credentials(
+            DbUser=config.user,
+            DbName=config.database,
+            ClusterIdentifier=config.cluster_id or "",
+            DurationSeconds=self.DURATION_SECONDS,
+            AutoCreate=False,
+        )
+        return issued["DbUser"], issued["DbPassword"], _expiry(issued.get("Expiration"), now)
 
 
-def connect_redshift(config: RedshiftConfig) -> Any:
+def _expiry(expiration: datetime | None, now: datetime) -> datetime:
+    """When issued credentials expire (the duration asked for if the answer does not say)."""
+    if expiration is None:
+        return now + timedelta(seconds=IamCredentials.DURATION_SECONDS)
+    return expiration if expiration.tzinfo else expiration.replace(tzinfo=UTC)
+
+
+def connect_redshift(config: RedshiftConfig, credentials: IamCredentials | None = None) -> Any:
     """A psycopg2 connection to Redshift, with IAM credentials when no password is given."""
     user, password = config.user, config.password
     if password is None:
-        user, password = iam_credentials(config)
+        user, password = (credentials or IamCredentials(config)).get()
     return psycopg2.connect(
         host=config.host,
         port=config.port,
@@ -333,12 +384,18 @@ def staging_sql(columns: list[tuple[str, str]]) -> str:
 
 
 def copy_sql(
-    columns: list[tuple[str, str]], manifest_url: str, jsonpaths_url: str, iam_role: str
+    columns: list[tuple[str, str]],
+    manifest_url: str,
+    jsonpaths_url: str,
+    iam_role: str,
+    bucket_region: str | None = None,
 ) -> str:
     names = [name for name, _ in STAGED_COLUMNS] + [column for column, _ in columns]
+    role = "default" if iam_role == "default" else literal(iam_role)  # a keyword, not a string
+    region = f" REGION {literal(bucket_region)}" if bucket_region else ""
     return (
         f"COPY {STAGING} ({', '.join(ident(n) for n in names)}) "
-        f"FROM {literal(manifest_url)} IAM_ROLE {literal(iam_role)} MANIFEST GZIP "
+        f"FROM {literal(manifest_url)} IAM_ROLE {role}{region} MANIFEST GZIP "
         f"FORMAT AS JSON {literal(jsonpaths_url)} TIMEFORMAT 'auto' STATUPDATE OFF COMPUPDATE OFF"
     )
 
@@ -379,13 +436,14 @@ def load_statements(
     jsonpaths_url: str,
     iam_role: str,
     lookback: bool = True,
+    bucket_region: str | None = None,
 ) -> dict[str, str]:
     """Every statement of the load transaction, by step (params: ``hour``, ``stream``, ...)."""
     return {
         "lock": f"LOCK {table_name(stream)}",
         "loaded": LOADED_SQL,
         "staging": staging_sql(columns),
-        "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role),
+        "copy": copy_sql(columns, manifest_url, jsonpaths_url, iam_role, bucket_region),
         "counts": f"SELECT COUNT(*) FROM {STAGING}",
         "delete": f"DELETE FROM {table_name(stream)} WHERE _hour = %(hour)s",
         "insert": insert_sql(stream, columns, lookback),
@@ -565,12 +623,13 @@ class RedshiftWarehouse:
         config: RedshiftConfig,
         client: S3Client,
         bucket: str,
-        connect: Callable[[RedshiftConfig], Any] = connect_redshift,
+        connect: Callable[[RedshiftConfig], Any] | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.bucket = bucket
-        self._connect = connect
+        self.credentials = IamCredentials(config)
+        self._connect = connect or (lambda cfg: connect_redshift(cfg, self.credentials))
         self._ready: set[str] = set()
         self._slices = 1
         self._stream_locks: dict[str, threading.Lock] = {}
@@ -847,6 +906,7 @@ class RedshiftWarehouse:
             f"s3://{self.bucket}/{staged.jsonpaths_key}",
             self.config.iam_role,
             lookback=self.config.dedup_lookback_days > 0,
+            bucket_region=self.config.bucket_region,
         )
         params: dict[str, Any] = {
             "stream": load.stream.key,
