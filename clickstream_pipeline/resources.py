@@ -4,7 +4,11 @@ Fields left unset fall back to the ``CLICKSTREAM_*`` variables when a run or sen
 nothing is read at import time and the launchpad can still override any of them.
 """
 
+from typing import TYPE_CHECKING, Any
+
 import dagster as dg
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
 
 from clickstream_pipeline.config import Settings
 from clickstream_pipeline.loader import RawStore
@@ -13,20 +17,50 @@ from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import warehouse_for_url
 from clickstream_pipeline.warehouse.base import Warehouse
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
-class S3StorageResource(dg.ConfigurableResource):
-    """The bucket holding raw and quarantined files (default: CLICKSTREAM_BUCKET/_RAW_PREFIX)."""
+
+class S3StorageResource(S3Resource):
+    """The bucket holding raw and quarantined files (default: CLICKSTREAM_BUCKET/_RAW_PREFIX).
+
+    Configured as Dagster's own ``S3Resource`` is (region, endpoint, profile, credentials,
+    SSL, unsigned), and ``get_client()`` is its client with this project's settings: adaptive
+    retries, connect and read timeouts, a pool for the loader's threads, and the request count
+    behind ``/metrics``."""
 
     bucket: str | None = None
     raw_prefix: str | None = None
-    endpoint_url: str | None = None
+    max_attempts: int | None = Field(  # type: ignore[assignment]
+        default=None,
+        description="botocore's retries max_attempts for each S3 request (default: "
+        "AWS_MAX_ATTEMPTS, else 10), in botocore's adaptive retry mode.",
+    )
+
+    def get_client(self) -> "S3Client":
+        import boto3
+        from botocore import UNSIGNED
+
+        client_args: dict[str, Any] = {
+            "region_name": self.region_name,
+            "use_ssl": self.use_ssl,
+            "verify": self.verify,
+            "aws_access_key_id": self.aws_access_key_id,
+            "aws_secret_access_key": self.aws_secret_access_key,
+            "aws_session_token": self.aws_session_token,
+        }
+        return s3_client(
+            self.endpoint_url,
+            self.max_attempts,
+            session=boto3.session.Session(profile_name=self.profile_name),
+            signature_version=UNSIGNED if self.use_unsigned_session else None,
+            **client_args,
+        )
 
     def store(self) -> RawStore:
         settings = Settings.from_env()
         bucket = self.bucket or settings.require_bucket()
-        return RawStore(
-            s3_client(self.endpoint_url), bucket, self.raw_prefix or settings.raw_prefix
-        )
+        return RawStore(self.get_client(), bucket, self.raw_prefix or settings.raw_prefix)
 
 
 class WarehouseResource(dg.ConfigurableResource):

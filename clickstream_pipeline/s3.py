@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import boto3
 from botocore.config import Config
@@ -28,8 +28,12 @@ def s3_client(
     *,
     connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     read_timeout: float = READ_TIMEOUT_SECONDS,
+    session: boto3.session.Session | None = None,
+    signature_version: Any = None,
+    **client_args: Any,
 ) -> S3Client:
-    """A thread-safe S3 client; boto3 reads AWS_ENDPOINT_URL and credentials from the env.
+    """A thread-safe S3 client; boto3 reads AWS_ENDPOINT_URL and credentials from the env
+    unless ``session`` (a profile) or ``client_args`` (region, keys, SSL) say otherwise.
 
     Botocore's adaptive mode retries throttling (503 Slow Down), 5xx, connection errors and
     timeouts with exponential backoff and jitter; AWS_MAX_ATTEMPTS overrides the attempt count.
@@ -40,8 +44,11 @@ def s3_client(
         max_pool_connections=32,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
+        **({"signature_version": signature_version} if signature_version else {}),
     )
-    client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+    client = (session or boto3.session.Session()).client(
+        "s3", endpoint_url=endpoint_url, config=config, **client_args
+    )
     client.meta.events.register("before-send.s3", count_s3_request)
     return client
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dagster as dg
 
 from clickstream_pipeline.assets import TABLES_ASSET
@@ -16,6 +18,7 @@ from clickstream_pipeline.resources import (
     S3StorageResource,
     WarehouseResource,
 )
+from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import (
     defs_for,
     load_keys,
@@ -272,3 +275,28 @@ def test_a_batch_of_alike_or_small_partitions_is_one_wave() -> None:
     assert load_waves(alike) == [["a", "c", "b"]]
     assert load_waves(small) == [["a", "b", "c"]]
     assert load_waves({}) == []
+
+
+def test_the_s3_resource_is_dagsters_own_with_the_loaders_client_settings(
+    pipeline: dict[str, str],
+) -> None:
+    from botocore import UNSIGNED
+    from dagster_aws.s3 import S3Resource
+
+    # Configured as Dagster's S3Resource is; the client keeps adaptive retries and timeouts.
+    resource = S3StorageResource(region_name="eu-west-1", max_attempts=3)
+    assert isinstance(resource, S3Resource)
+    client = resource.get_client()
+    config: Any = client.meta.config  # botocore sets these attributes at run time
+    assert client.meta.region_name == "eu-west-1"
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": 4}
+    assert (config.connect_timeout, config.read_timeout) == (10.0, 60.0)
+    assert config.max_pool_connections == 32
+    unsigned: Any = S3StorageResource(use_unsigned_session=True).get_client().meta.config
+    assert unsigned.signature_version is UNSIGNED
+
+    # Unset fields fall back to the environment: the bucket, and the endpoint it is served at.
+    store = S3StorageResource().store()
+    assert store.bucket == pipeline["CLICKSTREAM_BUCKET"]
+    store.client.put_object(Bucket=store.bucket, Key="raw/probe", Body=b"x")
+    assert list_keys(store.bucket, "raw/") == ["raw/probe"]
