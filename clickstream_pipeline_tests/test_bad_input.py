@@ -127,9 +127,9 @@ def test_a_5_mb_line_and_extreme_numbers_load(pipeline: dict[str, str], customer
     assert rows == [
         ("big", None, None, None, None, 5 * 1024 * 1024),
         ("n", 2.5, None, None, None, None),
-        # Beyond bigint: a double column keeps it approximately, properties exactly; beyond
-        # double: NULL in the column, exact in properties.
-        ("numbers", 1.5, 1.2345678901234568e29, None, "123456789012345678901234567890", None),
+        # Beyond bigint or beyond double: NULL in the column (a double would round it; the
+        # rule both dialects share), exact in properties.
+        ("numbers", 1.5, None, None, "123456789012345678901234567890", None),
     ]
 
 
