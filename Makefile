@@ -15,7 +15,7 @@ JOBS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 2)')
 # Where `make test-latest` resolves the newest releases the ranges in pyproject.toml allow.
 LATEST := .venv-latest
 
-.PHONY: install lock demo dev test test-latest lint typecheck unit bench audit clean
+.PHONY: install lock demo dev test test-latest test-redshift lint typecheck unit bench audit clean
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ test-latest: install  ## the suite (and mypy) on the newest releases the ranges 
 	@$(BIN)/python -m clickstream_pipeline_tests.lockfile diff uv.lock $(LATEST)/versions.txt
 	$(LATEST)/bin/mypy
 	CLICKSTREAM_TEST_UNLOCKED=1 $(LATEST)/bin/pytest -n $(JOBS) --maxschedchunk 1 -p no:cacheprovider
+
+# Not part of CI's gate: the Redshift cases against a real cluster or Serverless workgroup
+# (docs/redshift.md, "The live test", says what it needs and costs).
+test-redshift: install  ## the live Redshift tests (CLICKSTREAM_TEST_REDSHIFT_URL and _BUCKET)
+	@[ -n "$$CLICKSTREAM_TEST_REDSHIFT_URL" ] && [ -n "$$CLICKSTREAM_TEST_REDSHIFT_BUCKET" ] || { \
+	  echo "test-redshift: set CLICKSTREAM_TEST_REDSHIFT_URL and CLICKSTREAM_TEST_REDSHIFT_BUCKET (docs/redshift.md)" >&2; exit 2; }
+	$(BIN)/pytest clickstream_pipeline_tests/test_redshift.py -k live -v
 
 bench: install  ## clickstream bench: data plane, orchestration, skew, scale; writes docs/benchmarks.md
 	$(BIN)/clickstream bench

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -30,7 +31,12 @@ from clickstream_pipeline.records import ReadStats, validate_line
 from clickstream_pipeline.s3 import s3_client
 from clickstream_pipeline.warehouse import Warehouse, warehouse_for_url
 from clickstream_pipeline.warehouse.base import PartitionLoad, SourceFile
-from clickstream_pipeline.warehouse.redshift import RedshiftConfig, RedshiftWarehouse, part_count
+from clickstream_pipeline.warehouse.redshift import (
+    RedshiftConfig,
+    RedshiftWarehouse,
+    part_count,
+    table_name,
+)
 from clickstream_pipeline_tests.conftest import list_keys
 from clickstream_pipeline_tests.helpers import (
     message_ids,
@@ -391,27 +397,109 @@ LIVE_URL = os.environ.get("CLICKSTREAM_TEST_REDSHIFT_URL")
 LIVE_BUCKET = os.environ.get("CLICKSTREAM_TEST_REDSHIFT_BUCKET")
 
 
-@pytest.mark.skipif(
+LIVE = pytest.mark.skipif(
     not (LIVE_URL and LIVE_BUCKET),
     reason="set CLICKSTREAM_TEST_REDSHIFT_URL (redshift://...?iam_role=...) and "
-    "CLICKSTREAM_TEST_REDSHIFT_BUCKET (an S3 bucket the role can read) to run against a cluster",
+    "CLICKSTREAM_TEST_REDSHIFT_BUCKET (an S3 bucket the role can read) to run against a cluster "
+    "(make test-redshift)",
 )
+
+
+def live_put(client: Any, stream: Stream, hour: datetime, lines: list[dict[str, Any]]) -> None:
+    body = gzip.compress(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    key = raw_key("raw", stream, hour, f"{uuid.uuid4().hex[:8]}.jsonl.gz")
+    client.put_object(Bucket=LIVE_BUCKET, Key=key, Body=body)
+
+
+def live_warehouse(client: Any) -> RedshiftWarehouse:
+    assert LIVE_URL and LIVE_BUCKET
+    return RedshiftWarehouse(RedshiftConfig.from_url(LIVE_URL), client, LIVE_BUCKET)
+
+
+def live_load(client: Any, warehouse: RedshiftWarehouse, stream: Stream, hour: datetime) -> Any:
+    """A load as a batch runs it: retried on transient errors (a 1023 among them)."""
+    store = RawStore(client, LIVE_BUCKET or "", "raw")
+    return lambda: with_retries(lambda: load_partition(store, warehouse, stream, hour))
+
+
+def live_rows(warehouse: RedshiftWarehouse, stream: Stream) -> tuple[int, int, int]:
+    """(rows, distinct message ids, ledger rows) of ``stream``."""
+    with warehouse.connection() as conn, conn.cursor() as cur:
+        cur.execute(f"SELECT COUNT(*), COUNT(DISTINCT message_id) FROM {table_name(stream)}")
+        rows, ids = cur.fetchone()
+        cur.execute(
+            'SELECT COUNT(*) FROM "clickstream"."load_ledger" WHERE stream = %s', (str(stream),)
+        )
+        (ledger,) = cur.fetchone()
+        conn.rollback()
+    return rows, ids, ledger
+
+
+@LIVE
 def test_live_cluster_loads_exactly_once(customer: str) -> None:
     import boto3
 
-    assert LIVE_URL and LIVE_BUCKET
     client = boto3.client("s3")
     stream = Stream(customer, "live_check")
-    for name, lines in (("a", [record("m1", H1), record("m2", H1), record("m1", H1)]),):
-        body = gzip.compress(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-        key = raw_key("raw", stream, H1, f"{name}.jsonl.gz")
-        client.put_object(Bucket=LIVE_BUCKET, Key=key, Body=body)
-    warehouse = RedshiftWarehouse(RedshiftConfig.from_url(LIVE_URL), client, LIVE_BUCKET)
-    store = RawStore(client, LIVE_BUCKET, "raw")
+    live_put(client, stream, H1, [record("m1", H1), record("m2", H1), record("m1", H1)])
+    warehouse = live_warehouse(client)
+    store = RawStore(client, LIVE_BUCKET or "", "raw")
     first = load_partition(store, warehouse, stream, H1)
     again = load_partition(store, warehouse, stream, H1)
     assert (first.rows_loaded, first.duplicates, again.skipped) == (2, 1, True)
     assert warehouse.row_counts([stream]) == {str(stream): 2}
+
+
+@LIVE
+@pytest.mark.parametrize("runs", ["one batch", "two runs"])
+def test_live_two_loads_of_one_hour_at_once_load_it_once(customer: str, runs: str) -> None:
+    """A sensor run and a backfill loading the same hour, on the cluster's own isolation."""
+    import boto3
+
+    client = boto3.client("s3")
+    stream = Stream(customer, "live_same_hour")
+    live_put(client, stream, H1, [record(f"m{i}", H1) for i in range(20)])
+    first = live_warehouse(client)
+    second = first if runs == "one batch" else live_warehouse(client)
+
+    at_once(live_load(client, first, stream, H1), live_load(client, second, stream, H1))
+
+    assert live_rows(first, stream) == (20, 20, 1)
+
+
+@LIVE
+def test_live_two_hours_sharing_a_message_id_at_once_keep_it_once(customer: str) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    stream = Stream(customer, "live_shared_id")
+    live_put(client, stream, H1, [record("shared", H1), record("a", H1)])
+    live_put(client, stream, H2, [record("shared", H2), record("b", H2)])
+    warehouse = live_warehouse(client)
+
+    at_once(live_load(client, warehouse, stream, H1), live_load(client, warehouse, stream, H2))
+
+    assert live_rows(warehouse, stream) == (3, 3, 2)
+
+
+@LIVE
+def test_live_four_tables_at_once_and_the_same_new_column_from_two_hours(customer: str) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    streams = [Stream(customer, f"live_four_{n}") for n in range(4)]
+    for stream in streams:
+        live_put(client, stream, H1, [record("m1", H1), record("m2", H1)])
+    warehouse = live_warehouse(client)
+    at_once(*(live_load(client, warehouse, stream, H1) for stream in streams))
+    assert [live_rows(warehouse, stream) for stream in streams] == [(2, 2, 1)] * 4
+
+    # Two hours of one table that bring the same new property at once.
+    stream = streams[0]
+    live_put(client, stream, H2, [record("c1", H2, coupon="A1")])
+    live_put(client, stream, H0, [record("c2", H0, coupon="B2")])
+    at_once(live_load(client, warehouse, stream, H2), live_load(client, warehouse, stream, H0))
+    assert live_rows(warehouse, stream) == (4, 4, 3)
 
 
 def test_iam_credentials_are_fetched_once_and_renewed_before_they_expire(
