@@ -10,7 +10,7 @@ UV := $(BIN)/uv
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 # Test workers (each runs its own PostgreSQL and S3 server, ports and directories): two more
 # than the cores, since the tests spend much of their time waiting for Dagster's daemons (on 2
-# cores the suite took 706 s with 2 workers, 680 s with 3 and 641 s with 4).
+# cores the suite took 706 s with 2 workers, 680 s with 3, 641 and 684 s with 4).
 JOBS ?= $(shell $(PYTHON) -c 'import os; print((os.cpu_count() or 1) + 2)')
 # Where `make test-latest` resolves the newest releases the ranges in pyproject.toml allow.
 LATEST := .venv-latest

@@ -80,16 +80,19 @@ class Command:
 
 
 @contextmanager
-def clickstream(tmp_path: Path, *args: str) -> Iterator[Command]:
-    """``clickstream ARGS`` with its stack under ``tmp_path/root``, from a fresh shell."""
+def clickstream(tmp_path: Path, *args: str, root_option: bool = True) -> Iterator[Command]:
+    """``clickstream ARGS`` with its stack under ``tmp_path/root``, from a fresh shell (a
+    command without ``--root`` gets it as its temporary folder)."""
     root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
     stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    where = ["--root", str(root)] if root_option else []
     with stdout.open("wb") as out, stderr.open("wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "clickstream_pipeline.cli", *args, "--root", str(root)],
+            [sys.executable, "-m", "clickstream_pipeline.cli", *args, *where],
             cwd=tmp_path,
             # Unbuffered: the test reads what the command printed so far.
-            env=outside_env() | {"PYTHONUNBUFFERED": "1"},
+            env=outside_env() | {"PYTHONUNBUFFERED": "1", "TMPDIR": str(root)},
             stdout=out,
             stderr=err,
             start_new_session=True,
@@ -187,6 +190,16 @@ def test_sigterm_while_the_demo_loads_through_dagster_stops_everything(tmp_path:
         demo.wait_until("the first Dagster run", lambda: dagster_run_started(demo.root))
         demo.sigterm_stops_everything(status=DEMO_STOPPED)
         assert "every table holds exactly" not in demo.stdout.read_text()
+
+
+def test_sigterm_while_the_bench_measures_stops_its_stack_and_loaders(tmp_path: Path) -> None:
+    out = str(tmp_path / "results")
+    with clickstream(
+        tmp_path, "bench", "--quick", "--only", "dataplane", "--output", out, root_option=False
+    ) as bench:
+        bench.wait_for_line("bench: dataplane ...")
+        bench.wait_until("the part's PostgreSQL", lambda: bool(postgres_under(bench.root)))
+        bench.sigterm_stops_everything(status=DEMO_STOPPED)
 
 
 def test_sigterm_while_dev_runs_a_load_stops_every_process_promptly(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -14,10 +13,8 @@ from clickstream_pipeline.cli.app import (
     cli,
     err,
     out,
+    stopped_by_signals,
 )
-
-if TYPE_CHECKING:
-    pass
 
 PARTS = ("dataplane", "orchestration", "skew", "scale", "vortex", "registry")
 
@@ -51,6 +48,8 @@ PARTS = ("dataplane", "orchestration", "skew", "scale", "vortex", "registry")
     "credentials, instead of the local S3 server (its files go under a fresh prefix, deleted "
     "afterwards).",
 )
+# Interrupted, a part's stack and loaders stop with it; it exits 143 after SIGTERM (130, Ctrl-C).
+@stopped_by_signals(unfinished=True)
 def bench(
     quick: bool,
     sizes: tuple[int, ...],
