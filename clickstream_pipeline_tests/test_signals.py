@@ -4,9 +4,11 @@ sends it: within 10 s, with one line, and nothing they started is left running."
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,9 +83,10 @@ class Command:
 
 @contextmanager
 def clickstream(tmp_path: Path, *args: str, root_option: bool = True) -> Iterator[Command]:
-    """``clickstream ARGS`` with its stack under ``tmp_path/root``, from a fresh shell (a
-    command without ``--root`` gets it as its temporary folder)."""
-    root = tmp_path / "root"
+    """``clickstream ARGS`` with its stack under ``tmp_path/root``, from a fresh shell. A command
+    without ``--root`` gets a short folder of its own as its temporary folder instead (its stack
+    goes a few levels below it, and PostgreSQL's socket path has a limit of 107 bytes)."""
+    root = tmp_path / "root" if root_option else Path(tempfile.mkdtemp(prefix="cs-"))
     root.mkdir(exist_ok=True)
     stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
     where = ["--root", str(root)] if root_option else []
@@ -112,6 +115,8 @@ def clickstream(tmp_path: Path, *args: str, root_option: bool = True) -> Iterato
                 leftover.kill()
             except psutil.NoSuchProcess:
                 pass
+        if not root_option:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def postgres_under(root: Path) -> list[psutil.Process]:
